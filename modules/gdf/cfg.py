@@ -1,0 +1,47 @@
+"""Classifier-free guidance (Ho & Salimans 2022) for `GDF.sample`: batching cond with uncond, and the guided
+prediction with its std rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
+Flawed", Sec. 3.4)."""
+import torch
+
+
+def pair_inputs(cond, uncond):
+    """One batch holding `cond` then `uncond`, matched by key (dicts, nested) or position (lists, tuples).
+
+    A tensor whose unconditional value is missing or None is paired with zeros (upstream's default
+    unconditional inputs); None entries (ControlNet blocks without residual) and non-tensor values keep the
+    conditional value.
+    """
+    if isinstance(cond, torch.Tensor):
+        return torch.cat([cond, torch.zeros_like(cond) if uncond is None else uncond])
+    if isinstance(cond, dict):
+        uncond = {} if uncond is None else uncond
+        return {key: pair_inputs(value, uncond.get(key)) for key, value in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        uncond = [None] * len(cond) if uncond is None else uncond
+        if len(uncond) != len(cond):
+            raise ValueError(f"conditional and unconditional lists differ in length: {len(cond)} vs {len(uncond)}")
+        return type(cond)(pair_inputs(c, u) for c, u in zip(cond, uncond))
+    return cond
+
+
+def guidance_scale(cfg, t):
+    """`cfg` is a number, or a pair (scale at t=1, scale at t=0) interpolated linearly in t."""
+    if isinstance(cfg, (list, tuple)):
+        if len(cfg) != 2:
+            raise ValueError(f"cfg must be a number or a pair, got {cfg!r}")
+        return cfg[0] * t + cfg[1] * (1 - t)
+    return cfg
+
+
+def guide(pred, pred_uncond, cfg, rho):
+    """lerp(uncond, cond, cfg), then blend with its rescale to the conditional std by `rho`.
+
+    The std is taken per sample (upstream takes it over the whole batch), so an image does not depend on its
+    batch-mates.
+    """
+    pred_cfg = torch.lerp(pred_uncond, pred, cfg)
+    if rho <= 0:
+        return pred_cfg
+    dims = tuple(range(1, pred.dim()))
+    std_pos, std_cfg = pred.std(dim=dims, keepdim=True), pred_cfg.std(dim=dims, keepdim=True)
+    return rho * (pred_cfg * std_pos / (std_cfg + 1e-9)) + (1 - rho) * pred_cfg

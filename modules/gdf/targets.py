@@ -1,0 +1,61 @@
+"""Targets: what the model predicts, and how to turn a prediction back into x0 and eps.
+
+`__call__(x0, epsilon, logSNR, a, b)` gives the training target for x_t = a·x0 + b·eps; `x0` and `epsilon`
+invert it from (x_t, pred). The inverses use only x_t = a·x0 + b·eps, so every target works with every scaler.
+"""
+
+
+class EpsilonTarget:
+    """Predict the noise (Ho et al. 2020)."""
+
+    def __call__(self, x0, epsilon, logSNR, a, b):
+        return epsilon
+
+    def x0(self, noised, pred, logSNR, a, b):
+        return (noised - pred * b) / a
+
+    def epsilon(self, noised, pred, logSNR, a, b):
+        return pred
+
+
+class X0Target:
+    """Predict the clean sample."""
+
+    def __call__(self, x0, epsilon, logSNR, a, b):
+        return x0
+
+    def x0(self, noised, pred, logSNR, a, b):
+        return pred
+
+    def epsilon(self, noised, pred, logSNR, a, b):
+        return (noised - pred * a) / b
+
+
+class VTarget:
+    """v = a·eps - b·x0 (Salimans & Ho 2022, "Progressive Distillation", Sec. 4); the inverse divides by
+    a^2 + b^2, which is 1 only for VP."""
+
+    def __call__(self, x0, epsilon, logSNR, a, b):
+        return a * epsilon - b * x0
+
+    def x0(self, noised, pred, logSNR, a, b):
+        squared_sum = a ** 2 + b ** 2
+        return a / squared_sum * noised - b / squared_sum * pred
+
+    def epsilon(self, noised, pred, logSNR, a, b):
+        squared_sum = a ** 2 + b ** 2
+        return b / squared_sum * noised + a / squared_sum * pred
+
+
+class RectifiedFlowsTarget:
+    """The flow velocity eps - x0 (Liu et al. 2022). The inverse divides by a + b, which is 1 for LERP (where it
+    equals upstream's); with VP upstream's inverse would be wrong."""
+
+    def __call__(self, x0, epsilon, logSNR, a, b):
+        return epsilon - x0
+
+    def x0(self, noised, pred, logSNR, a, b):
+        return (noised - pred * b) / (a + b)
+
+    def epsilon(self, noised, pred, logSNR, a, b):
+        return (noised + pred * a) / (a + b)
