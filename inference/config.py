@@ -1,0 +1,96 @@
+"""Inference configs: upstream's per-stage YAML files, combined by a small pipeline YAML.
+
+A pipeline file names a Stage C and a Stage B config (a path to an upstream-style file, or the same keys
+inline) and where the CLIP encoders live. Unknown keys are errors that name the key.
+"""
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used as written; the message names the file and the key."""
+
+
+# Keys upstream's inference YAMLs carry for their notebooks' data loading; accepted and not used here.
+_NOTEBOOK_ONLY_KEYS = {"webdataset_path", "batch_size", "image_size", "grad_accum_steps"}
+
+
+@dataclass
+class StageConfig:
+    """One stage's generator and its helpers, with upstream's key names."""
+    model_version: str
+    dtype: Optional[str] = None
+    generator_checkpoint_path: Optional[str] = None
+    effnet_checkpoint_path: Optional[str] = None
+    previewer_checkpoint_path: Optional[str] = None  # Stage C only
+    stage_a_checkpoint_path: Optional[str] = None  # Stage B only
+
+
+@dataclass
+class PipelineConfig:
+    stage_c: StageConfig
+    stage_b: StageConfig
+    dtype: Optional[str] = None
+    text_encoder_path: Optional[str] = "models/text_encoder"
+    image_encoder_path: Optional[str] = "models/image_encoder"
+    tokenizer_path: Optional[str] = None  # default: the text encoder's folder, else open_clip's vocabulary
+    # Random weights made on the fly (tiny CLIP encoders, models without checkpoints): for tests and demos only.
+    random_weights: bool = False
+    source: str = field(default="<dict>", repr=False)
+
+
+def _check_keys(cls, values, where, ignore=()):
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(values) - names - set(ignore))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(names)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {missing}")
+
+
+def _read_yaml(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
+    return values
+
+
+def _stage(value, where, base_dir):
+    if isinstance(value, str):
+        path = value if os.path.isabs(value) or os.path.exists(value) else os.path.join(base_dir, value)
+        values, where = _read_yaml(path), path
+    elif isinstance(value, dict):
+        values = value
+    else:
+        raise ConfigError(f"{where}: expected a path to a stage config or a mapping, got {value!r}")
+    _check_keys(StageConfig, values, where, ignore=_NOTEBOOK_ONLY_KEYS)
+    kept = {k: v for k, v in values.items() if k not in _NOTEBOOK_ONLY_KEYS}
+    kept["model_version"] = str(kept["model_version"])
+    return StageConfig(**kept)
+
+
+def load_pipeline_config(path_or_dict, overrides=None):
+    """Read a pipeline YAML (or dict) into a `PipelineConfig`; `overrides` are top-level `key: value` pairs."""
+    if isinstance(path_or_dict, dict):
+        values, where, base_dir = dict(path_or_dict), "<dict>", os.getcwd()
+    else:
+        values, where = _read_yaml(path_or_dict), str(path_or_dict)
+        base_dir = os.path.dirname(os.path.abspath(path_or_dict))
+    values.update(overrides or {})
+    _check_keys(PipelineConfig, values, where)
+    values["stage_c"] = _stage(values["stage_c"], f"{where}: stage_c", base_dir)
+    values["stage_b"] = _stage(values["stage_b"], f"{where}: stage_b", base_dir)
+    return PipelineConfig(**values, source=where)
