@@ -44,8 +44,8 @@ class ToyModel:
 def conditions(n=B, seed=1):
     g = torch.Generator().manual_seed(seed)
     cond = {"clip": torch.randn(n, 5, 8, generator=g), "pooled": torch.randn(n, 1, 8, generator=g),
-            "cnet": [torch.randn(n, 4, 8, 8, generator=g) * 0.1, None], "extra": {"bias": torch.randn(n, 4, generator=g)},
-            "flag": "on"}
+            "cnet": [torch.randn(n, 4, 8, 8, generator=g) * 0.1, None],
+            "extra": {"bias": torch.randn(n, 4, generator=g)}, "flag": "on"}
     uncond = {"clip": torch.randn(n, 5, 8, generator=g), "pooled": torch.randn(n, 1, 8, generator=g),
               "cnet": cond["cnet"]}  # ControlNet residuals go to both branches; `extra` defaults to zeros
     return cond, uncond

@@ -49,7 +49,8 @@ class GDF:
         logSNR = self.schedule(x0.size(0) if t is None else t, shift=shift).to(x0.device)
         a, b = self.input_scalers(logSNR, x0.dim())
         target = self.target(x0, epsilon, logSNR, a, b)
-        return x0 * a + epsilon * b, epsilon, target, logSNR, self.noise_cond(logSNR), self.loss_weight(logSNR, shift=loss_shift)
+        noised = x0 * a + epsilon * b
+        return noised, epsilon, target, logSNR, self.noise_cond(logSNR), self.loss_weight(logSNR, shift=loss_shift)
 
     def undiffuse(self, x, logSNR, pred):
         """The (x0, epsilon) that the model's prediction `pred` at `x` = x_t implies."""
@@ -84,7 +85,8 @@ class GDF:
 
         cfg_inputs = None  # model_inputs paired with unconditional_inputs, built on the first CFG step
         for i in range(timesteps):
-            if cfg is not None and (cfg_t_stop is None or ts[i] >= cfg_t_stop) and (cfg_t_start is None or ts[i] <= cfg_t_start):
+            in_window = (cfg_t_stop is None or ts[i] >= cfg_t_stop) and (cfg_t_start is None or ts[i] <= cfg_t_start)
+            if cfg is not None and in_window:
                 if cfg_inputs is None:
                     cfg_inputs = pair_inputs(model_inputs, unconditional_inputs)
                 pred, pred_uncond = model(torch.cat([x, x]), noise_conds_cfg[i], **cfg_inputs).chunk(2)

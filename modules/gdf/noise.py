@@ -8,7 +8,10 @@ import torch
 
 
 def randn(shape, generator=None, device=None, dtype=torch.float32):
-    """N(0, I) of `shape` on `device`; `generator` is None (global RNG), a `torch.Generator` or one per sample."""
+    """N(0, I) of `shape` on `device`; `generator` is None (global RNG), a `torch.Generator` or one per sample.
+
+    With a generator and no `device`, the noise stays where the generator lives.
+    """
     if generator is None:
         return torch.randn(shape, device=device, dtype=dtype)
     if isinstance(generator, torch.Generator):

@@ -14,8 +14,9 @@ class BaseScaler:
 
     def setup_limits(self, schedule, stretch_max=True, stretch_min=True, shift=1):
         """Measure (a, b) at t=1 and t=0 of `schedule`; store and return [min_a, max_a, min_b, max_b]."""
-        min_a, max_b = [v.item() for v in self.scalers(schedule(torch.ones(1), shift=shift))] if stretch_max else [0, 1]
-        max_a, min_b = [v.item() for v in self.scalers(schedule(torch.zeros(1), shift=shift))] if stretch_min else [1, 0]
+        at_noise, at_clean = (self.scalers(schedule(torch.tensor([t]), shift=shift)) for t in (1.0, 0.0))
+        min_a, max_b = [v.item() for v in at_noise] if stretch_max else [0, 1]
+        max_a, min_b = [v.item() for v in at_clean] if stretch_min else [1, 0]
         self.stretched_limits = [min_a, max_a, min_b, max_b]
         return self.stretched_limits
 
