@@ -7,7 +7,7 @@ def _conv_gelu_bn(conv):
 
 
 class Previewer(nn.Module):
-    """Stage C latent B, c_in, h, w → RGB B, c_out, 8h, 8w (three 2× transposed convs), e.g. 16×24×24 → 3×192×192.
+    """Stage C latent B, c_in, h, w → RGB B, c_out, 8h, 8w (three 2× transposed convs): 16×24×24 → 3×192×192.
 
     One flat `blocks` Sequential, so the state-dict keys match the released previewer file.
     """

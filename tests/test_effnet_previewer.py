@@ -84,18 +84,22 @@ def test_previewer_matches_functional_oracle():
     torch.testing.assert_close(out, expected)
 
 
-@pytest.mark.parametrize("weights_dtype,autocast", [(torch.bfloat16, False), (torch.bfloat16, True),
-                                                    (torch.float32, True)])
-def test_bf16(weights_dtype, autocast):
+def test_bf16_with_and_without_autocast():
     effnet = _randomise_norm_stats(EfficientNetEncoder())
     previewer = _randomise_norm_stats(Previewer(c_hidden=64))
     x = torch.randn(1, 3, 64, 64)
     z = torch.randn(1, 16, 4, 4)
-    with torch.no_grad():
-        refs = effnet(x), previewer(z)
-        effnet.to(weights_dtype), previewer.to(weights_dtype)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            outs = effnet(x.to(weights_dtype)), previewer(z.to(weights_dtype))
-    for out, ref in zip(outs, refs):
-        assert out.dtype == torch.bfloat16 or autocast
-        assert (out.float() - ref).abs().max() <= 0.1 * ref.abs().max()
+
+    def run(autocast, dtype):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return effnet(x.to(dtype)), previewer(z.to(dtype))
+
+    refs = run(False, torch.float32)
+    results = [run(True, torch.float32)]  # fp32 weights under autocast
+    effnet.to(torch.bfloat16), previewer.to(torch.bfloat16)
+    bf16_plain = run(False, torch.bfloat16)
+    assert all(out.dtype == torch.bfloat16 for out in bf16_plain)
+    results += [bf16_plain, run(True, torch.bfloat16)]
+    for outs in results:
+        for out, ref in zip(outs, refs):
+            assert (out.float() - ref).abs().max() <= 0.1 * ref.abs().max()
