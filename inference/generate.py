@@ -1,0 +1,135 @@
+"""Command line: text-to-image, image variation, image-to-image and A+B reconstruction.
+
+    python -m inference.generate --config configs/inference/tiny.yaml --prompt "a red square" --out outputs/
+
+Each PNG carries the prompt, seed and every setting in its text chunks (key `parameters`, JSON).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+DEFAULT_PROMPT = "a small red circle in the top left on a blue background"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m inference.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="configs/inference/tiny.yaml",
+                   help="pipeline YAML (configs/inference/{big-big,big-small,small-big,small-small,tiny}.yaml)")
+    p.add_argument("--prompt", action="append", dest="prompts", default=None,
+                   help=f"text prompt; repeat --prompt for several (default: '{DEFAULT_PROMPT}')")
+    p.add_argument("--negative-prompt", default="", help="text for the unconditional branch (both stages)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--height", type=int, default=None, help="output height in pixels (default 1024; 256 for tiny)")
+    p.add_argument("--width", type=int, default=None, help="output width in pixels (default 1024; 256 for tiny)")
+    p.add_argument("--seed", type=int, default=None, help="seed of image 0; image i uses seed+i (random if unset)")
+    p.add_argument("--steps-c", type=int, default=20, help="Stage C sampling steps")
+    p.add_argument("--cfg-c", type=float, default=4.0, help="Stage C classifier-free guidance scale")
+    p.add_argument("--shift-c", type=float, default=2.0, help="Stage C noise-schedule shift")
+    p.add_argument("--steps-b", type=int, default=10, help="Stage B sampling steps")
+    p.add_argument("--cfg-b", type=float, default=1.1, help="Stage B classifier-free guidance scale")
+    p.add_argument("--shift-b", type=float, default=1.0, help="Stage B noise-schedule shift")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "lcm"], help="sampler for both stages")
+    p.add_argument("--cfg-rho", type=float, default=0.7, help="CFG rescale factor (0 = plain CFG)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype; default: the config's, else bf16 on CUDA and fp32 on CPU")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--offload", action="store_true", help="keep each stage on the CPU until it runs")
+    p.add_argument("--image", default=None, help="image-to-image: the input image file")
+    p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how far to noise the input (0–1)")
+    p.add_argument("--variation", default=None, help="image variation: condition on this image's CLIP embedding")
+    p.add_argument("--reconstruct", default=None,
+                   help="Stages A+B as an autoencoder: reconstruct this image through 16-ch EfficientNet latents")
+    p.add_argument("--compression", type=float, default=0.75, help="reconstruction: EfficientNet input scale")
+    p.add_argument("--out", default="outputs", help="output folder for the PNGs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def png_info(settings, seed, prompt, negative):
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    record = dict(settings, seed=seed, prompt=prompt, negative_prompt=negative)
+    record.pop("seeds", None)
+    info.add_text("parameters", json.dumps(record, default=str))
+    info.add_text("prompt", prompt or "")
+    info.add_text("seed", str(seed))
+    return info
+
+
+def _progress(quiet):
+    if quiet:
+        return None
+    from tqdm import tqdm
+    bars = {}
+
+    def callback(stage, step, total, latents, preview=None):
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=f"Stage {stage}", leave=True, file=sys.stderr)
+        bars[stage].update(1)
+        if step == total:
+            bars.pop(stage).close()
+    return callback
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    prompts = args.prompts or [DEFAULT_PROMPT]
+    import torch  # noqa: F401  (imported after parsing so --help is instant)
+    from inference.loading import load_pipeline
+    from inference.pipeline import StageSampling
+    from inference.utils import load_image, to_pil
+
+    pipe = load_pipeline(args.config, device=args.device, dtype=args.dtype, offload=args.offload)
+    tiny = "tiny" in os.path.basename(args.config)
+    height = args.height or (256 if tiny else 1024)
+    width = args.width or (256 if tiny else 1024)
+    stage_c = StageSampling(args.steps_c, args.cfg_c, args.shift_c, args.sampler, args.cfg_rho)
+    stage_b = StageSampling(args.steps_b, args.cfg_b, args.shift_b, args.sampler, args.cfg_rho)
+    callback = _progress(args.quiet)
+    start = time.time()
+    if args.reconstruct:
+        out = pipe.reconstruct(load_image(args.reconstruct), compression=args.compression,
+                               seed=args.seed or 0, stage_b=stage_b, callback=callback)
+        prompts_per_image = [""]
+    else:
+        kwargs = {}
+        if args.image:
+            kwargs.update(init_image=load_image(args.image), strength=args.strength)
+        if args.variation:
+            kwargs.update(variation_images=load_image(args.variation))
+        out = pipe.generate(prompts, negative_prompt=args.negative_prompt, num_images=args.num_images,
+                            height=height, width=width, seed=args.seed, stage_c=stage_c, stage_b=stage_b,
+                            callback=callback, **kwargs)
+        prompts_per_image = out.settings["prompt"]
+    os.makedirs(args.out, exist_ok=True)
+    paths = []
+    for i, image in enumerate(to_pil(out.images)):
+        seed = out.seeds[i]
+        stem = os.path.join(args.out, f"{time.strftime('%Y%m%d-%H%M%S')}_{i:02d}_seed{seed}")
+        path, n = stem + ".png", 1
+        while os.path.exists(path):  # never overwrite an earlier output
+            path, n = f"{stem}-{n}.png", n + 1
+        settings = dict(out.settings, config=args.config)
+        image.save(path, pnginfo=png_info(settings, seed, prompts_per_image[i], args.negative_prompt))
+        paths.append(path)
+        print(path)
+    print(f"{len(paths)} image(s) in {time.time() - start:.1f}s → {args.out}", file=sys.stderr)
+    return paths
+
+
+def cli():
+    from core.conditioning import ConditioningError
+    from inference.config import ConfigError
+    from inference.pipeline import PipelineError
+    try:
+        main()
+    except (ConfigError, PipelineError, ConditioningError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
