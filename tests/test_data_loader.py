@@ -116,6 +116,7 @@ def test_ranks_and_workers_read_disjoint_shards(tmp_path):
         assert len(shards) == 3 and shards == {os.path.basename(data.stream.shards[i]).split("-")[0]
                                                for i in data.stream.rank_shards(0)}
         seen.append(set(rank_keys))
+        assert len({tuple(data.stream.rank_shards(epoch)) for epoch in range(4)}) > 1  # reshuffled per epoch
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(keys)
 
 
@@ -164,12 +165,12 @@ def test_order_is_fixed_by_seed_and_changes_with_epoch(tmp_path):
 
 
 def test_resume_gives_the_batches_an_uninterrupted_run_gets(tmp_path):
-    write_dataset(tmp_path, shards=4, per_shard=7)  # uneven per worker: workers run dry at different times
+    write_dataset(tmp_path, shards=3, per_shard=8)  # one worker reads two shards, the other one
     settings = dict(multi_aspect_ratio=["1/1", "1/2", "9/16"], crop="random", caption_dropout=0.3,
                     p_random_ratio=0.2, num_workers=2, seed=3, shuffle_buffer=5)
-    straight = take(iter(loader(tmp_path, **settings)), 30)  # about two and a half epochs
-    assert len({k for b in straight[:10] for k in b["keys"]}) == 20
-    for stop in (5, 11, 17):
+    straight = take(iter(loader(tmp_path, **settings)), 24)  # over two epochs
+    assert len({k for b in straight[:8] for k in b["keys"]}) == 16
+    for stop in (3, 8, 9, 15):  # before and after a worker runs dry (batch 4), at the end of epoch 0 (9), in epoch 1
         first = loader(tmp_path, **settings)
         take(iter(first), stop)
         state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
@@ -180,6 +181,16 @@ def test_resume_gives_the_batches_an_uninterrupted_run_gets(tmp_path):
             assert torch.equal(batch["images"], expected["images"])
     with pytest.raises(ValueError, match="workers"):
         loader(tmp_path, **{**settings, "num_workers": 1}).load_state_dict(state)
+
+
+def test_reading_leaves_the_global_torch_rng_alone(tmp_path):
+    """The trainer's noise must not depend on when data epochs start (they start at other steps after a resume)."""
+    write_dataset(tmp_path, shards=1, per_shard=2, sizes=[(64, 64)])
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    next(iter(loader(tmp_path, image_size=64, crop="random")))
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_pipe_urls_are_read(tmp_path):
