@@ -32,7 +32,7 @@ _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit; a larger length field means a corrupt file
 _RESERVED_METADATA = ("kind", "preset", "kwargs")
 _LIST_LIMIT = 10
-_CHUNK = 16 * 2**20  # bytes read at a time when casting
+_CHUNK = 4 * 2**20  # bytes read at a time when casting
 
 
 class CheckpointError(ValueError):
@@ -103,7 +103,8 @@ class _Checkpoint:
                                   f"unpickling those could run code ({_first_line(e)}); convert it to safetensors "
                                   f"where it is trusted") from None
         except Exception as e:  # a corrupt zip, a truncated file, the legacy format: one line, not a traceback
-            raise CheckpointError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+            raise CheckpointError(
+                f"{path}: cannot read this checkpoint ({type(e).__name__}: {_first_line(e)})") from None
         if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
             state = state["state_dict"]  # Lightning-style and upstream training checkpoints
         wrong = [f"{k!r} ({type(v).__name__})" for k, v in (state.items() if isinstance(state, Mapping) else [])
@@ -179,9 +180,9 @@ def _empty_parameters():
     are never in a checkpoint, so this is the only place their values can come from.
     """
     def to_meta(module, name, param):
-        if param is not None and not param.is_meta:
-            return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        return None
+        if param is None:  # e.g. Linear(bias=False)
+            return None
+        return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
     handle = register_module_parameter_registration_hook(to_meta)
     try:
@@ -225,6 +226,8 @@ def load_model(path, kind=None, preset=None, kwargs=None, dtype=None, device="cp
     with _empty_parameters():
         model = presets.build_model(kind, preset, **(kwargs or {}))
     errors = _layout_errors(model, ckpt, strict)
+    if recorded not in (None, kind):
+        errors.append(f"the file records kind {recorded!r}")
     if errors:
         raise CheckpointError(f"{ckpt.path} does not fit {kind} (preset {preset!r}, kwargs {kwargs or {}}):\n  "
                               + "\n  ".join(errors))
@@ -290,26 +293,34 @@ def _registered_kind(model):
     return next((kind for kind, cls in presets.MODEL_CLASSES.items() if cls == path), None)
 
 
-def save_model(model, path, kind=None, preset=None, kwargs=None, dtype=None, metadata=None):
-    """Saves a model's weights as safetensors, with the kind and preset/kwargs that rebuild it.
+def model_metadata(model, kind=None, preset=None, kwargs=None):
+    """The safetensors metadata ({kind, preset, kwargs} as strings) that lets load_model rebuild `model`.
 
     kind, preset and kwargs default to what `modules.presets.build_model` recorded on the model (kind also to the
-    registry entry of its class). A model of an unregistered class (a LoRA, say) is saved as weights only.
+    registry entry of its class); a model of an unregistered class (a LoRA, say) gets {}.
     """
     spec = getattr(model, "build_spec", None) or {}
     kind = kind or spec.get("kind") or _registered_kind(model)
-    if preset is None and kwargs is None and kind is not None and kind == spec.get("kind"):
+    if kind is None:
+        return {}
+    if preset is None and kwargs is None and kind == spec.get("kind"):
         preset, kwargs = spec["preset"], spec["kwargs"]
+    if preset is None and kwargs is None:
+        raise ValueError(f"cannot record how to rebuild this {kind}: pass preset= or kwargs= ({{}} for the class "
+                         f"defaults), or build it with modules.presets.build_model")
+    presets.preset_kwargs(kind, preset)  # fail now, not when someone loads the file
+    record = {"kind": kind, "kwargs": json.dumps(kwargs or {})}
+    return {**record, "preset": preset} if preset is not None else record
+
+
+def save_model(model, path, kind=None, preset=None, kwargs=None, dtype=None, metadata=None):
+    """Saves a model's weights as safetensors with the record that rebuilds it (see model_metadata), atomically.
+
+    `metadata` adds str entries of the caller's own (LoRA token strings, say); floating tensors are cast to `dtype`.
+    """
     extra = dict(metadata or {})
     clash = [k for k in _RESERVED_METADATA if k in extra]
     if clash:
         raise ValueError(f"metadata keys {clash} are reserved for the model description")
-    if kind is not None:
-        if preset is None and kwargs is None:
-            raise ValueError(f"cannot record how to rebuild this {kind}: pass preset= or kwargs= ({{}} for the class "
-                             f"defaults), or build it with modules.presets.build_model")
-        presets.preset_kwargs(kind, preset)  # fail now, not when someone loads the file
-        extra.update(kind=kind, kwargs=json.dumps(kwargs or {}))
-        if preset is not None:
-            extra["preset"] = preset
+    extra.update(model_metadata(model, kind, preset, kwargs))
     save_state_dict_file(model.state_dict(), path, metadata=extra, dtype=dtype)

@@ -68,7 +68,8 @@ def _trained_looking(model):
 def test_tiny_models_run_together_with_tiny_clip_widths():
     """The tiny cascade, wired as inference wires it: CLIP widths, latent channels and ControlNet residuals fit."""
     b = 2
-    stage_c, stage_b, controlnet = (_trained_looking(build_model(k, "tiny")) for k in ("stage_c", "stage_b", "controlnet"))
+    stage_c, stage_b, controlnet = (_trained_looking(build_model(k, "tiny"))
+                                    for k in ("stage_c", "stage_b", "controlnet"))
     stage_a, effnet, previewer = (build_model(k, "tiny").eval() for k in ("stage_a", "effnet", "previewer"))
     image = torch.rand(b, 3, 64, 64)
     clip_text, clip_pooled = torch.randn(b, 77, TINY_CLIP_TEXT_DIM), torch.randn(b, 1, TINY_CLIP_TEXT_POOLED_DIM)

@@ -187,12 +187,31 @@ def test_strict_false_skips_unexpected_keys_but_not_missing_ones(toy, tmp_path):
         load_model(path, kind="toy", preset="small", strict=False)
 
 
+class DerivedBuffer(nn.Module):
+    """A non-persistent buffer computed from a parameter: built on meta, nothing can ever fill it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.register_buffer("scale", self.lin.weight.detach().abs().sum(), persistent=False)
+
+
+def test_tensors_left_on_meta_are_an_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(presets.MODEL_CLASSES, "derived", f"{__name__}.DerivedBuffer")
+    path = tmp_path / "derived.safetensors"
+    save_model(DerivedBuffer(), path, kwargs={})
+    with pytest.raises(CheckpointError, match=r"derived has tensors that no checkpoint can fill: scale$"):
+        load_model(path)
+
+
 def test_explicit_arguments_override_the_recorded_ones(toy, tmp_path):
     path = tmp_path / "toy.safetensors"
     save_model(toy, path)
     assert torch.equal(load_model(path, kwargs={"scale": 5.0}).freqs, torch.arange(4.0) * 5)
     with pytest.raises(CheckpointError, match=r"shape mismatch"):
         load_model(path, kwargs={"width": 3})  # the recorded preset still applies, the kwargs override it
+    with pytest.raises(CheckpointError, match=r"(?s)does not fit previewer \(preset None.*records kind 'toy'"):
+        load_model(path, kind="previewer")  # another kind: the recorded preset and kwargs do not apply
 
 
 def test_a_file_without_a_model_record_needs_a_kind(toy, tmp_path):
@@ -253,6 +272,7 @@ def test_save_model_records_enough_to_rebuild_or_says_why_not(toy, tmp_path):
     bare = Toy(width=4)  # a registered class built directly: save_model cannot know its kwargs
     with pytest.raises(ValueError, match="pass preset= or kwargs="):
         save_model(bare, tmp_path / "a.safetensors")
+    assert weights.model_metadata(toy) == {"kind": "toy", "preset": "small", "kwargs": '{"scale": 3.0}'}
     save_model(bare, tmp_path / "b.safetensors", kwargs={"width": 4})
     assert read_metadata(tmp_path / "b.safetensors") == {"kind": "toy", "kwargs": '{"width": 4}'}
     with pytest.raises(ValueError, match="unknown preset 'huge' for toy"):
