@@ -1,0 +1,255 @@
+"""What the Stage B and Stage C trainers share (upstream's train/base.py): data and text conditioning
+(`DataCore`), and diffusion training with GDF (`TrainingCore`). A trainer adds its models and conditions."""
+import argparse
+import copy
+import dataclasses
+from typing import Any, Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core import distributed
+from core.conditioning import build_tokenizer, encode_text, load_text_encoder, random_text_encoder, tiny_text_config
+from core.config import EXPECTED, EXPECTED_TRAIN, Config, ConfigError
+from core.warpcore import WarpCore
+from modules.common import AttnBlock, FeedForwardBlock, ResBlock, TimestepBlock
+from modules.gdf import (GDF, AdaptiveLossWeight, CosineSchedule, CosineTNoiseCond, EpsilonTarget, P2LossWeight,
+                         VPScaler, VTarget, X0Target)
+from modules.gdf.noise import randn
+from modules.presets import TINY_CLIP_TEXT_DIM, TINY_CLIP_TEXT_POOLED_DIM, build_model
+
+TINY = "tiny"  # model_version / encoder name for the small random models of the tiny configs and the tests
+# FSDP units and activation-checkpointing units of Stage B and C (SPEC §5)
+BLOCK_CLASSES = (ResBlock, AttnBlock, TimestepBlock, FeedForwardBlock)
+TARGETS = {"epsilon": EpsilonTarget, "v": VTarget, "x0": X0Target}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Config):
+    """The training data (core.data): webdataset shards, filters, captions, aspect-ratio buckets."""
+    webdataset_path: Union[str, list[str]] = EXPECTED_TRAIN
+    image_size: int = EXPECTED_TRAIN
+    multi_aspect_ratio: Optional[list[Union[str, float]]] = None  # None: square crops
+    captions_getter: Optional[list[str]] = None  # [entry, getter name]; None: ['txt', 'identity']
+    dataset_filters: Optional[list[Any]] = None  # [[key, 'lambda x: x > 1'], ...], parsed, never evaluated
+    bucketeer_random_ratio: float = 0.05  # share of samples put in a random aspect-ratio bucket
+    caption_dropout: float = 0.05  # share of captions replaced by "" (the unconditional input)
+    crop: Literal["smart", "center", "random"] = "smart"
+    num_workers: int = 2  # DataLoader workers per process
+    shuffle_buffer: int = 690
+
+    def __post_init__(self):
+        super().__post_init__()
+        from core.data import parse_captions_getter, parse_filters
+        try:
+            parse_filters(self.dataset_filters)
+            parse_captions_getter(self.captions_getter)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
+class DataCore(WarpCore):
+    """Batches of images and captions from webdataset shards, and the text encoder that turns captions into
+    conditions (core.conditioning, the same code inference uses)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(WarpCore.Config, DataConfig):
+        # a folder with a CLIPTextModelWithProjection (`bash models/download_models.sh clip`), or 'tiny'
+        clip_text_model_name: str = "models/text_encoder"
+
+    @dataclasses.dataclass
+    class Models(WarpCore.Models):
+        tokenizer: Any = None
+        text_model: nn.Module = None
+
+    def setup_data(self, extras):
+        from core.data import build_dataloader
+        cfg = self.config
+        loader = build_dataloader(
+            cfg.webdataset_path, cfg.micro_batch_size(self.env.world_size), image_size=cfg.image_size,
+            multi_aspect_ratio=cfg.multi_aspect_ratio, captions_getter=cfg.captions_getter,
+            dataset_filters=cfg.dataset_filters, caption_dropout=cfg.caption_dropout,
+            p_random_ratio=cfg.bucketeer_random_ratio, crop=cfg.crop, shuffle_buffer=cfg.shuffle_buffer,
+            num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda", rank=self.env.rank,
+            world_size=self.env.world_size, seed=cfg.seed)
+        return self.Data(dataset=loader.stream, dataloader=loader, iterator=iter(loader))
+
+    def data_metrics(self, data) -> dict:
+        """Samples the data pipeline skipped so far (counted per finished epoch)."""
+        stats = data.dataloader.stats
+        return {"corrupt_samples": float(stats["corrupt"]), "filtered_samples": float(stats["filtered"])}
+
+    def setup_text_model(self):
+        """(tokenizer, frozen text encoder); 'tiny' builds a small random one that fits the tiny presets."""
+        name = self.config.clip_text_model_name
+        if name == TINY:
+            config = tiny_text_config(hidden=TINY_CLIP_TEXT_DIM, projection=TINY_CLIP_TEXT_POOLED_DIM)
+            text_model = random_text_encoder(config, seed=self.config.seed).to(self.device, self.dtype())
+            return build_tokenizer(), text_model
+        return build_tokenizer(name), load_text_encoder(name, dtype=self.dtype(), device=self.device)
+
+    def text_conditions(self, batch, models, is_unconditional=False) -> dict:
+        """{'clip_text', 'clip_text_pooled'} of the batch's captions ("" for the unconditional branch)."""
+        captions = batch["captions"]
+        if is_unconditional:
+            captions = [""] * len(captions)
+        out = encode_text(models.text_model, models.tokenizer, captions, device=self.device)
+        return {k: v.clone() for k, v in out.items()}  # plain tensors: inference-mode ones cannot enter autograd
+
+
+class TrainingCore(DataCore):
+    """Diffusion training with GDF, shared by Stage B and Stage C: a frozen encoder makes the latents, the generator
+    learns to denoise them (per-sample MSE × loss weight), and sample grids show its progress.
+
+    A trainer defines `setup_models`, `get_conditions`, `encode_latents`, `decode_latents` and, optionally,
+    `noise` (the training noise).
+    """
+    SAMPLING_DEFAULTS = {}  # a trainer's GDF.sample arguments for its sample grids
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(DataCore.Config):
+        model_version: str = EXPECTED  # a modules.presets name: '3.6B', '1B', '3B', '700M' or 'tiny'
+        model_kwargs: Optional[dict] = None  # constructor overrides on top of the preset
+        generator_checkpoint_path: Optional[str] = None  # weights to start from; None: random init
+        adaptive_loss_weight: Optional[bool] = None  # AdaptiveLossWeight instead of P2LossWeight
+        gdf_target: Literal["epsilon", "v", "x0"] = "epsilon"  # what the generator predicts
+        sampling_configs: Optional[dict] = None  # overrides of the trainer's sampling settings for sample grids
+        sample_batch_size: int = 4  # images per sample grid
+
+        REPLACED = {"edm_objective": "upstream's trainers never read it; for a v-prediction objective set "
+                                     "`gdf_target: v` (modules.gdf.VTarget)"}
+
+    @dataclasses.dataclass
+    class Models(DataCore.Models):
+        generator: nn.Module = None
+        generator_ema: nn.Module = None
+
+    @dataclasses.dataclass
+    class Optimizers(WarpCore.Optimizers):
+        generator: Any = None
+
+    @dataclasses.dataclass
+    class Schedulers(WarpCore.Schedulers):
+        generator: Any = None
+
+    @dataclasses.dataclass
+    class Extras(WarpCore.Extras):
+        gdf: GDF = None
+        sampling_configs: dict = None
+
+    # ------------------------------------------------------------------------------------------ trainer hooks
+    def get_conditions(self, batch, models, extras, is_eval=False, is_unconditional=False, eval_image_embeds=False,
+                       generators=None) -> dict:
+        """The generator's keyword inputs. In training (`is_eval` False) random choices use `generators`."""
+        raise NotImplementedError
+
+    def encode_latents(self, batch, models, extras) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_latents(self, latents, batch, models, extras) -> torch.Tensor:
+        raise NotImplementedError
+
+    def noise(self, latents, generators) -> torch.Tensor:
+        """The training noise for `latents`, one generator per sample."""
+        return randn(latents.shape, generators, latents.device, latents.dtype)
+
+    # ---------------------------------------------------------------------------------------------- set-up
+    def setup_extras_pre(self):
+        gdf = GDF(
+            schedule=CosineSchedule(clamp_range=[0.0001, 0.9999]),
+            input_scaler=VPScaler(), target=TARGETS[self.config.gdf_target](),
+            noise_cond=CosineTNoiseCond(),
+            loss_weight=AdaptiveLossWeight() if self.config.adaptive_loss_weight else P2LossWeight(),
+        )
+        sampling = {**self.SAMPLING_DEFAULTS, **(self.config.sampling_configs or {})}
+        return self.Extras(gdf=gdf, sampling_configs=sampling)
+
+    def load_frozen(self, kind: str, path: Optional[str]) -> nn.Module:
+        """A frozen helper model (encoder, previewer) from its checkpoint; random only for the tiny configs."""
+        from core.weights import load_model
+        preset = TINY if self.config.model_version == TINY else None
+        if path is None:
+            if self.config.model_version != TINY:
+                raise ConfigError(f"no checkpoint for the {kind} model: set its *_checkpoint_path")
+            model = build_model(kind, preset)
+        else:
+            model = load_model(path, kind=kind, preset=preset, dtype=self.dtype())
+        return model.to(self.device, self.dtype()).eval().requires_grad_(False)
+
+    def setup_generator(self, kind: str) -> tuple:
+        """(generator, its EMA copy or None), from `generator_checkpoint_path` or freshly initialised, then
+        activation-checkpointed and wrapped for DDP/FSDP as configured."""
+        from core.weights import load_model
+        cfg = self.config
+        if cfg.generator_checkpoint_path is not None:
+            generator = load_model(cfg.generator_checkpoint_path, kind=kind, preset=cfg.model_version,
+                                   kwargs=cfg.model_kwargs or {}, dtype=self.dtype())
+        else:
+            generator = build_model(kind, cfg.model_version, dtype=self.dtype(), **(cfg.model_kwargs or {}))
+        generator = generator.to(self.device)
+        if not cfg.training:
+            return generator.eval().requires_grad_(False), None
+        generator.requires_grad_(True)
+        ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.use_ema else None
+        generator = self.parallelize(generator, BLOCK_CLASSES)
+        if ema is not None and cfg.use_fsdp and self.env.is_distributed:  # sharded like the generator it follows
+            ema = distributed.wrap(ema, self.env, self.device, True, BLOCK_CLASSES, self.autocast_dtype())
+        return generator, ema
+
+    # ---------------------------------------------------------------------------------------------- training
+    def forward_pass(self, batch, extras, models):
+        generators = self.sample_generators(len(batch["captions"]))
+        with torch.no_grad():
+            conditions = self.get_conditions(batch, models, extras, generators=generators)
+            latents = self.encode_latents(batch, models, extras)
+            epsilon = self.noise(latents, generators)
+            t = torch.cat([torch.rand(1, generator=g) for g in generators])
+            noised, _, target, logSNR, noise_cond, loss_weight = extras.gdf.diffuse(
+                latents, epsilon=epsilon, t=t, generator=generators)
+        pred = models.generator(noised, noise_cond, **conditions)
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+        loss_adjusted = (loss * loss_weight).mean() / self.config.grad_accum_steps
+        if isinstance(extras.gdf.loss_weight, AdaptiveLossWeight):  # the same buckets in every process
+            extras.gdf.loss_weight.update_buckets(distributed.all_gather(logSNR.float()),
+                                                  distributed.all_gather(loss.detach()))
+        return loss, loss_adjusted
+
+    def training_states(self, data, extras, optimizers, schedulers) -> tuple:
+        states, rank_states = super().training_states(data, extras, optimizers, schedulers)
+        if isinstance(extras.gdf.loss_weight, AdaptiveLossWeight):
+            states["adaptive_loss_weight"] = extras.gdf.loss_weight
+        return states, rank_states
+
+    def checkpoint_metadata(self, models) -> dict:
+        """Each saved model also records the objective it was trained with (what inference must sample with)."""
+        return {name: {**meta, "gdf_target": self.config.gdf_target}
+                for name, meta in super().checkpoint_metadata(models).items()}
+
+    def sample(self, batch, extras, models):
+        """Rows: inputs, noised latents, one-step predictions, samples, and samples of the EMA model."""
+        n = min(len(batch["captions"]), self.config.sample_batch_size)
+        batch = {k: v[:n] for k, v in batch.items()}
+        conditions = self.get_conditions(batch, models, extras, is_eval=True)
+        unconditions = self.get_conditions(batch, models, extras, is_eval=True, is_unconditional=True)
+        latents = self.encode_latents(batch, models, extras)
+        noised, _, _, logSNR, noise_cond, _ = extras.gdf.diffuse(latents)
+        pred = extras.gdf.undiffuse(noised, logSNR, models.generator(noised, noise_cond, **conditions))[0]
+        rows = [noised, pred]
+        for model in (models.generator, models.generator_ema):
+            if model is not None:
+                *_, (sampled, _, _) = extras.gdf.sample(model, conditions, latents.shape, unconditions,
+                                                        device=self.device, **extras.sampling_configs)
+                rows.append(sampled)
+        rows = [self.decode_latents(r, batch, models, extras).float().cpu() for r in rows]
+        images = F.interpolate(batch["images"].float(), size=rows[0].shape[-2:], mode="bicubic", align_corners=False)
+        return torch.cat([torch.cat(list(row), dim=-1) for row in [images.clamp(0, 1), *rows]], dim=-2)
+
+
+def main(core_class, argv=None):
+    """`python train/train_<x>.py config.yaml [key=value ...]`, alone or under torchrun/SLURM."""
+    parser = argparse.ArgumentParser(description=core_class.__doc__)
+    parser.add_argument("config", help="training config (.yaml/.yml/.json)")
+    parser.add_argument("overrides", nargs="*", help="key=value settings that replace the config's")
+    args = parser.parse_args(argv)
+    core_class(config_file_path=args.config, overrides=args.overrides)()

@@ -1,0 +1,105 @@
+"""Stage B training (latent decoder): `python train/train_b.py configs/training/finetune_b_3b.yaml [key=value]`.
+
+The frozen Stage A encodes images into the latents Stage B learns to generate, conditioned on EfficientNet latents
+of the image (downscaled by U(0.5, 1), zeroed for a share of the samples) and on the pooled CLIP text embedding.
+Training noise is pyramid noise (SPEC §5).
+"""
+import dataclasses
+import os
+import sys
+from typing import Optional
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from core.conditioning import effnet_preprocess  # noqa: E402
+from core.config import EXPECTED  # noqa: E402
+from modules.gdf.noise import randn  # noqa: E402
+from train.base import TrainingCore, main  # noqa: E402
+
+EFFNET_STRIDE = 32  # the EfficientNet encoder's downsampling
+
+
+def pyramid_noise(shape, generators, device, levels=10, size_range=(1, 16), discount=0.75, dtype=torch.float32):
+    """Multi-resolution noise: N(0, I) plus coarser N(0, I) maps (level i at H/2^i × W/2^i, weight discount^i,
+    nearest-upsampled), for the levels whose height or width lies in `size_range`; renormalised to unit variance.
+    One generator per sample."""
+    b, c, height, width = shape
+    noise = randn(shape, generators, device, dtype)
+    total = 1.0
+    for i in range(1, levels):
+        h, w = height // 2 ** i, width // 2 ** i
+        if min(h, w) < 1:
+            break
+        if size_range[0] <= h <= size_range[1] or size_range[0] <= w <= size_range[1]:
+            level = randn((b, c, h, w), generators, device, dtype)
+            noise = noise + F.interpolate(level, size=(height, width), mode="nearest") * discount ** i
+            total += discount ** (2 * i)
+    return noise / total ** 0.5
+
+
+class WurstCoreB(TrainingCore):
+    """Trains Stage B on images and captions."""
+    SAMPLING_DEFAULTS = {"cfg": 1.5, "shift": 1, "timesteps": 10}
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(TrainingCore.Config):
+        effnet_checkpoint_path: Optional[str] = EXPECTED
+        stage_a_checkpoint_path: Optional[str] = EXPECTED
+        effnet_dropout: float = 0.1  # share of training samples whose EfficientNet condition is zeroed
+        effnet_scale_range: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.0])
+
+        IGNORED = {"shift": "Stage B trains at shift 1; upstream required this key but never used it"}
+
+    @dataclasses.dataclass
+    class Models(TrainingCore.Models):
+        effnet: nn.Module = None
+        stage_a: nn.Module = None
+
+    def setup_models(self, extras, skip_clip=False):
+        """`skip_clip` (upstream's notebook habit): leave the text encoder out, to share Stage C's."""
+        cfg = self.config
+        effnet = self.load_frozen("effnet", cfg.effnet_checkpoint_path)
+        stage_a = self.load_frozen("stage_a", cfg.stage_a_checkpoint_path)
+        generator, generator_ema = self.setup_generator("stage_b")
+        tokenizer, text_model = (None, None) if skip_clip else self.setup_text_model()
+        return self.Models(effnet=effnet, stage_a=stage_a, generator=generator, generator_ema=generator_ema,
+                           tokenizer=tokenizer, text_model=text_model)
+
+    def get_conditions(self, batch, models, extras, is_eval=False, is_unconditional=False, eval_image_embeds=False,
+                       generators=None):
+        """effnet: EfficientNet latents of the image (training: downscaled with NEAREST by one U(scale range)
+        factor per batch to a multiple of 32, zeroed for `effnet_dropout` of the samples; evaluation: full size,
+        zeros when unconditional); clip: the pooled text embedding."""
+        clip = self.text_conditions(batch, models, is_unconditional)["clip_text_pooled"]
+        if "images" not in batch:
+            return {"effnet": None, "clip": clip}
+        images = batch["images"].to(self.device, self.dtype())
+        keep = torch.ones(len(images), dtype=torch.bool)
+        if is_eval:
+            keep[:] = not is_unconditional
+        else:
+            low, high = self.config.effnet_scale_range
+            factor = low + (high - low) * torch.rand(1, generator=generators[0]).item()
+            size = [max(EFFNET_STRIDE, int(s * factor) // EFFNET_STRIDE * EFFNET_STRIDE) for s in images.shape[-2:]]
+            images = F.interpolate(images, size=size, mode="nearest")
+            keep = torch.cat([torch.rand(1, generator=g) >= self.config.effnet_dropout for g in generators])
+        effnet = models.effnet(effnet_preprocess(images))
+        return {"effnet": effnet * keep.to(effnet)[:, None, None, None], "clip": clip}
+
+    def encode_latents(self, batch, models, extras):
+        return models.stage_a.encode(batch["images"].to(self.device, self.dtype()))[0]
+
+    def decode_latents(self, latents, batch, models, extras):
+        return models.stage_a.decode(latents.to(self.dtype())).float().clamp(0, 1)
+
+    def noise(self, latents, generators):
+        return pyramid_noise(latents.shape, generators, latents.device, dtype=latents.dtype)
+
+
+if __name__ == "__main__":
+    main(WurstCoreB)
