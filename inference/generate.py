@@ -13,6 +13,18 @@ import time
 DEFAULT_PROMPT = "a small red circle in the top left on a blue background"
 
 
+class _AddLora(argparse.Action):
+    """--lora PATH starts an entry at scale 1; a --lora-scale after it sets that entry's scale."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if self.dest == "loras":
+            namespace.loras = (namespace.loras or []) + [(value, 1.0)]
+        elif not namespace.loras:
+            parser.error("--lora-scale must follow the --lora it scales")
+        else:
+            namespace.loras[-1] = (namespace.loras[-1][0], value)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m inference.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -45,6 +57,12 @@ def build_parser():
     p.add_argument("--compression", type=float, default=0.75, help="reconstruction: EfficientNet input scale")
     p.add_argument("--out", default="outputs", help="output folder for the PNGs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--lora", action=_AddLora, dest="loras", default=None, metavar="PATH",
+                   help="a LoRA file for Stage C, or a LoRA config naming one and its train_tokens (released files "
+                        "need them: configs/inference/lora_c_3b.yaml); repeat for several")
+    p.add_argument("--lora-scale", action=_AddLora, dest="lora_scale", type=float, metavar="F",
+                   help="scale of the --lora just before it (default 1.0)")
+    p.add_argument("--merge-lora", action="store_true", help="merge the LoRAs into the weights: faster sampling")
     return p
 
 
@@ -83,6 +101,8 @@ def main(argv=None):
     from inference.utils import load_image, to_pil
 
     pipe = load_pipeline(args.config, device=args.device, dtype=args.dtype, offload=args.offload)
+    for path, scale in args.loras or []:
+        pipe.load_lora(path, scale=scale, merge=args.merge_lora)
     tiny = "tiny" in os.path.basename(args.config)
     height = args.height or (256 if tiny else 1024)
     width = args.width or (256 if tiny else 1024)

@@ -92,12 +92,19 @@ class StableCascadePipeline:
         self.stage_c, self.stage_b, self.stage_a, self.effnet = stage_c, stage_b, stage_a, effnet
         self.previewer, self.text_model, self.tokenizer = previewer, text_model, tokenizer
         self._vision_model = vision_model
+        self.loras = []  # inference.lora.LoadedLoRA, in the order they were applied
         self.vision_loader: Optional[Callable[[], torch.nn.Module]] = None
         self.device, self.dtype, self.offload = torch.device(device), dtype, offload
         self.gdf_c, self.gdf_b = cascade_gdf(), cascade_gdf()
         for m in self._models():
             m.eval().requires_grad_(False)
             m.to("cpu" if offload else self.device)
+
+    def load_lora(self, source, scale=1.0, merge=False, train_tokens=None):
+        """Applies a LoRA file (or a LoRA config naming one and its train_tokens) to Stage C and the text encoder;
+        returns its handle, whose `scale`, `merge()`, `unmerge()` and `remove()` act on the models in place."""
+        from inference.lora import load_lora
+        return load_lora(self, source, scale=scale, merge=merge, train_tokens=train_tokens)
 
     def _models(self):
         return [m for m in (self.stage_c, self.stage_b, self.stage_a, self.effnet, self.previewer,
@@ -274,6 +281,8 @@ class StableCascadePipeline:
                     "variation" if variation_images is not None else "text-to-image"}
         if init_image is not None:
             settings["strength"] = float(strength)
+        if self.loras:
+            settings["loras"] = [lora.describe() for lora in self.loras]
         return CascadeOutput(images=images, latents_c=latents_c.cpu(), latents_b=latents_b.cpu(), seeds=seeds,
                              settings=settings)
 
