@@ -1,0 +1,119 @@
+"""LoRA training on a frozen Stage C: `python train/train_c_lora.py configs/training/finetune_c_3b_lora.yaml [k=v]`.
+
+Rank-r adapters go on the Stage C weights that `module_filters` select; `train_tokens` adds new tokens (`[name]` or
+`<name>`) to the tokenizer and the CLIP token table, each starting as the mean of the vocabulary rows its regex
+matches, and learns their rows as ReToken deltas (other entries are regexes that pick existing tokens to re-learn).
+Stage C and the text encoder stay frozen, Stage C in eval mode; the conditions and loss are Stage C's
+(`WurstCoreC`). Only the LoRA is saved, in the released layout, its tokens, filters and rank in the file's metadata,
+so `python -m inference.generate --lora <checkpoint>/lora.safetensors` uses it as it is.
+"""
+import dataclasses
+import os
+import sys
+from typing import Any, Optional
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from core.conditioning import encode_text  # noqa: E402
+from core.config import EXPECTED, ConfigError  # noqa: E402
+from core.warpcore import WarpCore  # noqa: E402
+from core.weights import load_state_dict_file  # noqa: E402
+from inference.lora import add_tokens, lora_metadata  # noqa: E402
+from modules.lora import apply_lora, apply_retoken  # noqa: E402
+from modules.presets import build_model  # noqa: E402
+from train.base import TINY, main  # noqa: E402
+from train.train_c import WurstCoreC  # noqa: E402
+
+
+class LoraCore(WurstCoreC):
+    """Trains a LoRA and new tokens for Stage C (upstream's notebook name: `from train import LoraCore`)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(WurstCoreC.Config):
+        module_filters: list[str] = EXPECTED  # Stage C modules whose weights get adapters; upstream: ['.attn']
+        rank: int = EXPECTED
+        train_tokens: list = EXPECTED  # [[token, init_regex], ...], e.g. [['[fernando]', '^dog</w>']]
+        lora_checkpoint_path: Optional[str] = None  # a LoRA file to start from (or to sample with)
+
+    @dataclasses.dataclass
+    class Models(WurstCoreC.Models):
+        lora: nn.Module = None  # ModuleDict(embeddings=ReToken, weights=[LoRA, ...]): the released layout
+
+    @dataclasses.dataclass
+    class Optimizers(WarpCore.Optimizers):  # the LoRA's only: Stage C has none
+        lora: Any = None
+
+    @dataclasses.dataclass
+    class Schedulers(WarpCore.Schedulers):
+        lora: Any = None
+
+    def trained_models(self):
+        return ["lora"]
+
+    def setup_generator(self, kind):
+        """Stage C frozen and in eval mode, also while training (SPEC §7): no EMA, no DDP/FSDP wrapper."""
+        from core.weights import load_model
+        cfg = self.config
+        if cfg.generator_checkpoint_path is not None:
+            generator = load_model(cfg.generator_checkpoint_path, kind=kind, preset=cfg.model_version,
+                                   kwargs=cfg.model_kwargs or {}, dtype=self.dtype())
+        elif cfg.model_version == TINY:
+            generator = build_model(kind, cfg.model_version, dtype=self.dtype(), **(cfg.model_kwargs or {}))
+        else:
+            raise ConfigError("a LoRA is trained for a trained Stage C: set generator_checkpoint_path")
+        return generator.to(self.device).eval().requires_grad_(False), None
+
+    def setup_models(self, extras):
+        """Stage C's models, then the tokens and the adapters (in fp32 on any base dtype: they are what learns)."""
+        if self.env.is_distributed:
+            raise ConfigError("LoRA training runs in one process (as upstream's); start it without torchrun")
+        models = super().setup_models(extras)
+        cfg = self.config
+        ids = sorted(set(add_tokens(models.tokenizer, models.text_model, cfg.train_tokens).values()))
+        retoken = apply_retoken(models.text_model.get_input_embeddings(), ids)
+        loras = apply_lora(models.generator, filters=cfg.module_filters, rank=cfg.rank)
+        if not loras:
+            raise ConfigError(f"module_filters {cfg.module_filters} select no weight of Stage C")
+        lora = nn.ModuleDict({"embeddings": retoken, "weights": nn.ModuleList(loras)}).to(self.device, torch.float32)
+        if cfg.lora_checkpoint_path is not None:
+            self._load_lora(lora, cfg.lora_checkpoint_path)
+        models.lora = lora.requires_grad_(cfg.training).train(cfg.training)
+        return models
+
+    @staticmethod
+    def _load_lora(lora, path):
+        """A LoRA file for the same filters, rank and tokens, its token rows put in this run's id order."""
+        state = load_state_dict_file(path)
+        ours = lora["embeddings"].indices.tolist()
+        theirs = state["embeddings.indices"].tolist() if "embeddings.indices" in state else []
+        if sorted(theirs) != ours:
+            raise ConfigError(f"{path} trains token ids {theirs} but train_tokens give {ours}")
+        order = sorted(range(len(theirs)), key=theirs.__getitem__)  # upstream's files list them in set order
+        state["embeddings.indices"] = state["embeddings.indices"][order]
+        state["embeddings.embeddings"] = state["embeddings.embeddings"][order]
+        try:
+            lora.load_state_dict(state)
+        except RuntimeError as e:
+            details = "; ".join(line.strip() for line in str(e).splitlines()[1:])
+            raise ConfigError(f"{path} does not fit this module_filters and rank: {details}") from None
+
+    def text_conditions(self, batch, models, is_unconditional=False):
+        """Stage C's text conditions, with gradients while training: the token deltas learn through the frozen text
+        encoder. (`encode_text` runs in inference mode; `__wrapped__` is the same function without it.)"""
+        captions = [""] * len(batch["captions"]) if is_unconditional else batch["captions"]
+        with torch.set_grad_enabled(models.lora.training):
+            return encode_text.__wrapped__(models.text_model, models.tokenizer, captions, device=self.device)
+
+    def checkpoint_metadata(self, models):
+        """The LoRA file names its tokens, filters and rank, so inference loads it without a config."""
+        cfg = self.config
+        meta = super().checkpoint_metadata(models)
+        return {"lora": {**meta.get("lora", {}), **lora_metadata(cfg.train_tokens, cfg.module_filters, cfg.rank)}}
+
+
+if __name__ == "__main__":
+    main(LoraCore)
