@@ -6,6 +6,7 @@ RNG and data position) and `info.json`. It is written into a hidden temporary fo
 once complete, so a run killed while saving leaves only complete checkpoints behind and resumes from the last.
 """
 import dataclasses
+import io
 import json
 import os
 import random
@@ -121,7 +122,8 @@ class CheckpointManager:
         model_states = {name: get_model_state_dict(m, options=full) for name, m in models.items()}
         optim_states = {name: get_optimizer_state_dict(m, opt, options=full)
                         for name, (m, opt) in (optimizers or {}).items()}
-        ranks = distributed.gather_objects({name: s.state_dict() for name, s in (rank_states or {}).items()})
+        # serialised here: tensors inside objects do not survive all_gather_object's pickling in this torch
+        ranks = distributed.gather_objects(_to_bytes({name: s.state_dict() for name, s in (rank_states or {}).items()}))
         final = os.path.join(self.directory, f"step_{step:08d}")
         if self.env.is_main:
             os.makedirs(self.directory, exist_ok=True)
@@ -159,8 +161,9 @@ class CheckpointManager:
         if rank_states and len(ranks) != self.env.world_size:
             raise RuntimeError(f"{path} was written by {len(ranks)} processes, this run has {self.env.world_size}: "
                                f"per-process state ({', '.join(rank_states)}) cannot be restored")
+        mine = torch.load(io.BytesIO(ranks[self.env.rank]), weights_only=True) if rank_states else {}
         for name, state in (rank_states or {}).items():
-            state.load_state_dict(ranks[self.env.rank][name])
+            state.load_state_dict(mine[name])
         return self.read_info(path)
 
     def _write(self, path: str, write: Callable):
@@ -182,6 +185,12 @@ class CheckpointManager:
         for old, path in self.checkpoints():
             if old < step and old % self.config.backup_every != 0:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def _to_bytes(state) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
 def _fsync_dir(path: str):

@@ -85,14 +85,14 @@ class Config:
                     close = difflib.get_close_matches(key, fields, n=1)
                     hint = f"did you mean '{close[0]}'?" if close else "no such setting"
                 lines.append(f"'{key}': {hint}")
-            raise ConfigError(f"unknown config key(s) for {cls.__name__}: " + "; ".join(lines))
+            raise ConfigError(f"unknown config key(s) for {cls.__qualname__}: " + "; ".join(lines))
 
         missing = [
             name for name, f in fields.items()
             if name not in values and (f.default == EXPECTED or (f.default == EXPECTED_TRAIN and training))
         ]
         if missing:
-            raise ConfigError(f"missing required config key(s) for {cls.__name__}: " + ", ".join(missing))
+            raise ConfigError(f"missing required config key(s) for {cls.__qualname__}: " + ", ".join(missing))
 
         hints = typing.get_type_hints(cls)
         kwargs = {}

@@ -23,6 +23,7 @@ from .config import EXPECTED_TRAIN, Config, ConfigError
 from .distributed import DistributedConfig
 from .ema import EMAConfig, update_ema
 from .metrics import MetricLogger, MetricsConfig
+from .weights import model_metadata
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -187,14 +188,9 @@ class WarpCore:
         return {}
 
     def checkpoint_metadata(self, models) -> dict:
-        """Safetensors metadata per saved model: how to rebuild it (core.weights' kind/preset/kwargs)."""
-        out = {}
-        for name, model in self._checkpointed_models(models).items():
-            spec = getattr(distributed.unwrap(model), "build_spec", None)
-            if spec:
-                out[name] = {"kind": spec["kind"], "kwargs": json.dumps(spec["kwargs"]),
-                             **({"preset": spec["preset"]} if spec["preset"] is not None else {})}
-        return out
+        """Safetensors metadata per saved model: how to rebuild it (core.weights.model_metadata)."""
+        return {name: model_metadata(distributed.unwrap(model))
+                for name, model in self._checkpointed_models(models).items()}
 
     # -------------------------------------------------------------------------------------------- helpers
     def parallelize(self, model: nn.Module, wrap_classes: tuple = ()) -> nn.Module:
@@ -308,19 +304,21 @@ class WarpCore:
         progress.close()
 
     def _update(self, params, optims, scheds, finite: bool) -> dict:
-        """Clip, step and zero the gradients (or, after a non-finite loss, only zero them)."""
+        """Clip, step and zero the gradients; after a non-finite loss or gradient norm only zero them."""
         lr = optims[0].param_groups[0]["lr"] if optims else 0.0
         grad_norm = float("nan")
         if finite:
             norm = nn.utils.clip_grad_norm_(params, self.config.grad_clip)
             grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+            finite = math.isfinite(grad_norm)  # the same in every process: the norm is of the reduced gradients
+        if finite:
             for opt in optims:
                 opt.step()
             for sched in scheds:
                 sched.step()
         else:
             self.info.skipped_steps += 1
-            self.logger.warning(f"non-finite loss at update {self.info.total_steps + 1}: update skipped "
+            self.logger.warning(f"non-finite loss or gradient at update {self.info.total_steps + 1}: update skipped "
                                 f"({self.info.skipped_steps} so far)")
         for opt in optims:
             opt.zero_grad(set_to_none=True)

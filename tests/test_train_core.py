@@ -53,6 +53,7 @@ class Stream:
 
 class ToyCore(WarpCore):
     nan_at_iter = None  # iteration whose loss is made NaN
+    nan_grad_at_iter = None  # iteration whose loss is finite but its gradient is not
 
     @dataclasses.dataclass
     class Models(WarpCore.Models):
@@ -81,6 +82,8 @@ class ToyCore(WarpCore):
         loss = ((models.generator(batch["x"]) - batch["y"]) ** 2).mean(1)
         if self.info.iter == self.nan_at_iter:
             loss = loss * float("nan")
+        if self.info.iter == self.nan_grad_at_iter:  # d sqrt(|x|)/dx at 0 is 0/0
+            loss = loss + (models.generator[0].weight.sum() * 0).abs().sqrt()
         return loss, loss.mean() / self.config.grad_accum_steps
 
 
@@ -112,20 +115,23 @@ def test_accumulating_two_half_batches_equals_one_full_batch(tmp_path):
     assert any((initial[k] - v).abs().max() > 1e-3 for k, v in weights(full).items())  # it did train
 
 
-def test_non_finite_loss_skips_the_update_and_is_logged(tmp_path):
-    class NaNAt3(ToyCore):
-        nan_at_iter = 3  # the 4th micro-batch: update 2 of 2 micro-batches each
+@pytest.mark.parametrize("kind", ["loss", "gradient"])
+def test_non_finite_loss_or_gradient_skips_the_update_and_is_logged(tmp_path, kind):
+    class NaNAt3(ToyCore):  # the 4th micro-batch: the second of update 2 (2 micro-batches per update)
+        nan_at_iter = 3 if kind == "loss" else None
+        nan_grad_at_iter = 3 if kind == "gradient" else None
 
     core = run(tmp_path, NaNAt3, grad_accum_steps=2, updates=3, save_every=1, backup_every=1)
     assert core.info.skipped_steps == 1 and core.info.total_steps == 3
     log = (tmp_path / "out" / "toy" / "log.txt").read_text()
-    assert "non-finite loss at update 2: update skipped (1 so far)" in log
+    assert "non-finite loss or gradient at update 2: update skipped (1 so far)" in log
     metrics = read_log(tmp_path / "out" / "toy" / "log.txt")
     assert metrics[2]["skipped_steps"] == 1 and metrics[3]["grad_norm"] > 0
     step = [load_state_dict_file(tmp_path / "ck" / "toy" / f"step_{i:08d}" / "generator.safetensors")
             for i in (1, 2, 3)]
     assert all(torch.equal(step[1][k], v) for k, v in step[0].items())  # update 2 changed nothing
     assert any(not torch.equal(step[2][k], v) for k, v in step[1].items())  # update 3 trained again
+    assert all(torch.isfinite(v).all() for v in step[2].values())
 
 
 def test_ema_follows_upstream_schedule():
@@ -212,6 +218,11 @@ def test_wandb_is_optional_and_resumes_its_run(tmp_path, monkeypatch):
     inits = [c[1] for c in calls if c[0] == "init"]
     assert [(i["mode"], i["id"], i["resume"]) for i in inits] == [("offline", "run1", "allow")] * 2
     assert [c[1] for c in calls if c[0] == "log"] == [1, 2, 3] and "loss" in calls[1][2]
+
+
+def test_upstream_import_path():
+    import core
+    assert core.WarpCore is WarpCore
 
 
 def test_launchers_are_detected_from_the_environment():
