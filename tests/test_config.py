@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from core.config import EXPECTED, EXPECTED_TRAIN, Config, ConfigError, ConfigWarning
-from train import WurstCoreB, WurstCoreC
+from train import LoraCore, WurstCoreB, WurstCoreC
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "training")
@@ -93,11 +93,16 @@ def test_upstream_stage_b_configs_load_and_shift_is_ignored(name):
     assert not hasattr(cfg, "shift")
 
 
+TRAINERS = (("_lora", LoraCore), ("finetune_b", WurstCoreB), ("tiny_b", WurstCoreB), ("finetune_c", WurstCoreC),
+            ("tiny_c", WurstCoreC))  # first match wins
+
+
 def test_every_training_config_of_the_repo_loads():
-    paths = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")))
+    paths = sorted(p for p in glob.glob(os.path.join(CONFIGS, "*.yaml"))
+                   if any(key in os.path.basename(p) for key, _ in TRAINERS))
     assert len(paths) >= 8
     for path in paths:
-        core = WurstCoreB if os.path.basename(path).startswith(("finetune_b", "tiny_b")) else WurstCoreC
+        core = next(core for key, core in TRAINERS if key in os.path.basename(path))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             core.Config.load(path)

@@ -1,5 +1,6 @@
-"""Trainers (upstream's notebook API: `from train import WurstCoreC, WurstCoreB`)."""
+"""Trainers, under upstream's notebook names: `from train import WurstCoreC, WurstCoreB, LoraCore`."""
 from .train_b import WurstCoreB
 from .train_c import WurstCoreC
+from .train_c_lora import LoraCore
 
-__all__ = ["WurstCoreB", "WurstCoreC"]
+__all__ = ["WurstCoreB", "WurstCoreC", "LoraCore"]
