@@ -35,6 +35,7 @@ class MetricLogger:
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
         if not enabled:
+            self._logger.addHandler(logging.NullHandler())  # not even warnings: the main process reports them
             return
         os.makedirs(directory, exist_ok=True)
         console = logging.StreamHandler(sys.stderr)

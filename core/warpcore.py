@@ -226,6 +226,8 @@ class WarpCore:
     # ---------------------------------------------------------------------------------------------- running
     def __call__(self):
         cfg = self.config
+        if not cfg.training:
+            raise RuntimeError("this core was built with training=False, which sets up models for inference only")
         distributed.init_process_group(self.env, self.device, cfg.dist_backend)
         if self.device.type == "cuda" and cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True

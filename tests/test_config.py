@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from core.config import EXPECTED, EXPECTED_TRAIN, Config, ConfigError, ConfigWarning
-from train import LoraCore, WurstCoreB, WurstCoreC
+from train import ControlNetCore, LoraCore, WurstCoreB, WurstCoreC
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "training")
@@ -93,14 +93,14 @@ def test_upstream_stage_b_configs_load_and_shift_is_ignored(name):
     assert not hasattr(cfg, "shift")
 
 
-TRAINERS = (("_lora", LoraCore), ("finetune_b", WurstCoreB), ("tiny_b", WurstCoreB), ("finetune_c", WurstCoreC),
+TRAINERS = (("controlnet", ControlNetCore), ("_lora", LoraCore), ("finetune_b", WurstCoreB), ("tiny_b", WurstCoreB), ("finetune_c", WurstCoreC),
             ("tiny_c", WurstCoreC))  # first match wins
 
 
 def test_every_training_config_of_the_repo_loads():
     paths = sorted(p for p in glob.glob(os.path.join(CONFIGS, "*.yaml"))
                    if any(key in os.path.basename(p) for key, _ in TRAINERS))
-    assert len(paths) >= 8
+    assert len(paths) == len(glob.glob(os.path.join(CONFIGS, "*.yaml"))) >= 15  # every file has its trainer
     for path in paths:
         core = next(core for key, core in TRAINERS if key in os.path.basename(path))
         with warnings.catch_warnings(record=True) as caught:
