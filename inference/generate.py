@@ -63,6 +63,15 @@ def build_parser():
     p.add_argument("--lora-scale", action=_AddLora, dest="lora_scale", type=float, metavar="F",
                    help="scale of the --lora just before it (default 1.0)")
     p.add_argument("--merge-lora", action="store_true", help="merge the LoRAs into the weights: faster sampling")
+    p.add_argument("--controlnet", default=None, metavar="NAME",
+                   help="canny, inpainting, sr or identity (its config for the pipeline's Stage C in "
+                        "configs/inference/), or a ControlNet config .yaml; needs --control-image")
+    p.add_argument("--control-image", default=None,
+                   help="ControlNet input: the image for edges, inpainting or super resolution (output: 2× its size)")
+    p.add_argument("--mask", default=None, help="inpainting: a mask image, white where to fill (default: the "
+                                                "saliency network's salient region)")
+    p.add_argument("--outpaint", action="store_true", help="inpainting: fill outside the mask instead")
+    p.add_argument("--control-strength", type=float, default=1.0, help="scale of the ControlNet's residuals")
     return p
 
 
@@ -106,6 +115,19 @@ def main(argv=None):
     tiny = "tiny" in os.path.basename(args.config)
     height = args.height or (256 if tiny else 1024)
     width = args.width or (256 if tiny else 1024)
+    control = {}
+    if args.controlnet or args.control_image or args.mask or args.outpaint:
+        if not (args.controlnet and args.control_image):
+            raise ValueError("--controlnet and --control-image go together (--mask and --outpaint need both)")
+        from inference.controlnet import load_controlnet, load_mask
+        controlnet = load_controlnet(pipe, args.controlnet)
+        image = load_image(args.control_image)
+        if controlnet.output_scale != 1:  # super resolution: the control image sets the size
+            height, width = (args.height or round(image.shape[-2] * controlnet.output_scale / 32) * 32,
+                             args.width or round(image.shape[-1] * controlnet.output_scale / 32) * 32)
+        control = dict(controlnet=controlnet, control_image=image, outpaint=args.outpaint,
+                       control_mask=load_mask(args.mask) if args.mask else None,
+                       control_strength=args.control_strength)
     stage_c = StageSampling(args.steps_c, args.cfg_c, args.shift_c, args.sampler, args.cfg_rho)
     stage_b = StageSampling(args.steps_b, args.cfg_b, args.shift_b, args.sampler, args.cfg_rho)
     callback = _progress(args.quiet)
@@ -122,7 +144,7 @@ def main(argv=None):
             kwargs.update(variation_images=load_image(args.variation))
         out = pipe.generate(prompts, negative_prompt=args.negative_prompt, num_images=args.num_images,
                             height=height, width=width, seed=args.seed, stage_c=stage_c, stage_b=stage_b,
-                            callback=callback, **kwargs)
+                            callback=callback, **kwargs, **control)
         prompts_per_image = out.settings["prompt"]
     os.makedirs(args.out, exist_ok=True)
     paths = []
@@ -134,6 +156,8 @@ def main(argv=None):
             path, n = f"{stem}-{n}.png", n + 1
         settings = dict(out.settings, config=args.config)
         image.save(path, pnginfo=png_info(settings, seed, prompts_per_image[i], args.negative_prompt))
+        if out.control is not None:  # what the ControlNet saw (edges, masked image), beside the image
+            to_pil(out.control[i:i + 1])[0].save(path[:-len(".png")] + "_control.png")
         paths.append(path)
         print(path)
     print(f"{len(paths)} image(s) in {time.time() - start:.1f}s → {args.out}", file=sys.stderr)

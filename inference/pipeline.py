@@ -58,6 +58,7 @@ class CascadeOutput:
     latents_b: torch.Tensor  # B, 4, H/4, W/4: Stage B's x0 (Stage A latent space)
     seeds: List[Optional[int]]
     settings: dict = field(default_factory=dict)
+    control: Optional[torch.Tensor] = None  # B, 3, h, w: a picture of the ControlNet's input (edges, masked image)
 
     def pil(self):
         return to_pil(self.images)
@@ -200,13 +201,18 @@ class StableCascadePipeline:
                  generators_c=None, generators_b=None, stage_c: StageSampling = STAGE_C_DEFAULTS,
                  stage_b: StageSampling = STAGE_B_DEFAULTS, variation_images: Optional[torch.Tensor] = None,
                  init_image: Optional[torch.Tensor] = None, strength: float = 1.0, latents_c=None,
-                 conditions=None, callback=None, preview_every: int = 0) -> CascadeOutput:
+                 conditions=None, callback=None, preview_every: int = 0, controlnet=None,
+                 control_image: Optional[torch.Tensor] = None, control_mask: Optional[torch.Tensor] = None,
+                 outpaint: bool = False, control_strength: float = 1.0) -> CascadeOutput:
         """Text-to-image; with `variation_images` image variation, with `init_image` + `strength` image-to-image.
 
         Image i of the batch uses seed `seed + i` in both stages, so it equals the image that seed gives alone.
         `latents_c` skips Stage C (precomputed EfficientNet-space latents); `conditions` = (cond, uncond) skips
         the text encoder. `callback(stage=, step=, total=, latents=, preview=)` is called after every step;
         `preview` is a Previewer image every `preview_every` Stage C steps (else None).
+        `controlnet` (inference.controlnet.load_controlnet) adds its residuals for `control_image` (inpainting:
+        `control_mask`, white = fill; `outpaint` inverts it), scaled by `control_strength`, to both CFG branches;
+        super resolution makes an image twice the control image's size.
         """
         prompts = _as_list(prompt)
         negatives = _as_list(negative_prompt)
@@ -217,6 +223,9 @@ class StableCascadePipeline:
         if not isinstance(num_images, int) or num_images < 1:
             raise PipelineError(f"num_images must be a positive integer, got {num_images!r}")
         height, width = self._check_size(height, width)
+        if controlnet is not None:
+            control_image = self._check_images(control_image, "control_image")
+            controlnet.check_size(control_image, height, width)
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [n for n in negatives for _ in range(num_images)]
         batch = len(prompts)
@@ -239,6 +248,11 @@ class StableCascadePipeline:
         cond_c = {"clip_text": cond["clip_text"], "clip_text_pooled": cond["clip_text_pooled"], "clip_img": clip_img}
         uncond_c = {"clip_text": uncond["clip_text"], "clip_text_pooled": uncond["clip_text_pooled"],
                     "clip_img": uncond_img}
+        control = None
+        if controlnet is not None:  # the same residuals in both CFG branches (SPEC §5)
+            cond_c["cnet"], control = controlnet.residuals(self, control_image, shape_c, control_mask, outpaint,
+                                                           control_strength)
+            uncond_c["cnet"] = cond_c["cnet"]
 
         # Stage 2: Stage C prior in EfficientNet latent space
         if latents_c is None:
@@ -281,10 +295,12 @@ class StableCascadePipeline:
                     "variation" if variation_images is not None else "text-to-image"}
         if init_image is not None:
             settings["strength"] = float(strength)
+        if controlnet is not None:
+            settings.update(controlnet.describe(), control_strength=float(control_strength), outpaint=bool(outpaint))
         if self.loras:
             settings["loras"] = [lora.describe() for lora in self.loras]
         return CascadeOutput(images=images, latents_c=latents_c.cpu(), latents_b=latents_b.cpu(), seeds=seeds,
-                             settings=settings)
+                             settings=settings, control=control)
 
     def _preview_callback(self, callback, every):
         if callback is None:
