@@ -2,7 +2,7 @@
 # Downloads the released Stable Cascade weights into models/ (resumable; HF_TOKEN is sent when set).
 #
 #   bash models/download_models.sh [essential] <big-big|big-small|small-big|small-small> [bfloat16|float32]
-#   bash models/download_models.sh controlnet [canny] [inpainting] [super_resolution]   (default: all three)
+#   bash models/download_models.sh controlnet [canny] [inpainting] [super_resolution] [saliency]   (default: all)
 #   bash models/download_models.sh clip        # CLIP bigG text encoder + ViT-L/14 image encoder (+ tokenizer)
 #
 # `essential` adds Stage A, the Previewer and the EfficientNet encoder; the variant names Stage B, then Stage C
@@ -34,6 +34,8 @@ fetch() {  # fetch <url> <destination>: resumable, atomic (a partial file never 
 }
 
 weights() { fetch "$endpoint/$repo/resolve/main/$1" "$here/$1"; }
+saliency_url="https://raw.githubusercontent.com/Stability-AI/StableCascade/6c695205823039da56845b39d55f2c1d853535e4/modules/cnet_modules/inpainting/saliency_model.pt"
+saliency_sha256=225a602e1f2a5d159424be011a63b27d83b56343a4379a90710eca9a26bab920
 
 snapshot() {  # snapshot <hf repo id> <folder>: config, tokenizer and safetensors weights of a transformers model
   local id="$1" dest="$here/$2"
@@ -55,10 +57,17 @@ EOF
 case "$1" in
   controlnet)
     shift
-    names=("$@"); [ ${#names[@]} -gt 0 ] || names=(canny inpainting super_resolution)
+    names=("$@"); [ ${#names[@]} -gt 0 ] || names=(canny inpainting super_resolution saliency)
     for n in "${names[@]}"; do
       case "$n" in canny|inpainting|super_resolution) weights "controlnet/$n.safetensors" ;;
-        *) echo "error: unknown ControlNet '$n' (released: canny, inpainting, super_resolution)" >&2; exit 2 ;;
+        saliency)  # the inpainting filter's saliency network, a pickle in upstream's git repository (read weights-only)
+          fetch "$saliency_url" "$here/controlnet/saliency_model.pt"
+          if [ -z "${DRY_RUN:-}" ] && command -v sha256sum >/dev/null &&
+             ! echo "$saliency_sha256  $here/controlnet/saliency_model.pt" | sha256sum -c --quiet -; then
+            echo "error: $here/controlnet/saliency_model.pt does not match its checksum; delete it and run again" >&2
+            exit 1
+          fi ;;
+        *) echo "error: unknown ControlNet file '$n' (canny, inpainting, super_resolution, saliency)" >&2; exit 2 ;;
       esac
     done
     exit 0 ;;
