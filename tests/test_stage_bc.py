@@ -8,11 +8,13 @@ import os
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_stable_cascade_unet_single_file_to_diffusers
-from diffusers.models.unets.unet_stable_cascade import (SDCascadeResBlock, StableCascadeUNet)
+from diffusers.models.unets.unet_stable_cascade import GlobalResponseNorm as DiffusersGRN
+from diffusers.models.unets.unet_stable_cascade import SDCascadeResBlock, StableCascadeUNet
 from torch.nn.utils import parametrize
 
+import modules.common
 from conftest import REFERENCE
-from modules.common import AttnBlock, BlockContext, FeedForwardBlock
+from modules.common import AttnBlock, BlockContext, FeedForwardBlock, GlobalResponseNorm
 from modules.stage_b import StageB
 from modules.stage_c import StageC
 
@@ -135,6 +137,16 @@ def test_preset_forward_on_meta_at_native_resolution(name):
 
 # ---------------------------------------------------------------- parity with diffusers (fp32)
 
+@pytest.fixture(params=["whole maps", "one row per block"])
+def row_blocks(request, monkeypatch):
+    """On CPU the channel MLPs run big maps in blocks of rows; a tiny block size makes the small test maps
+    take that path too (one row per block)."""
+    if request.param == "one row per block":
+        monkeypatch.setattr(modules.common, "_CACHE_BLOCK", 1)
+        assert modules.common._row_blocks(torch.empty(2, 3, 5, 4), 16) == 3
+    return request.param
+
+
 SMALL_C = [
     dict(c_hidden=[32, 48], nhead=[-1, 4], c_cond=24, blocks=[[2, 2], [2, 1]], block_repeat=[[1, 2], [2, 3]],
          level_config=["CT", "CTA"], c_clip_text=20, c_clip_text_pooled=12, c_clip_img=10, switch_level=[True]),
@@ -149,7 +161,7 @@ SMALL_B = [
 
 
 @pytest.mark.parametrize("kw", SMALL_C)
-def test_stage_c_small_matches_diffusers(kw):
+def test_stage_c_small_matches_diffusers(kw, row_blocks):
     model = randomise(StageC(**kw))
     twin = diffusers_twin(model, kw)
     inputs = stage_c_inputs(kw, batch=2, h=14, w=10, t_conds=False)  # odd sizes after ×½ exercise the skip resize
@@ -161,7 +173,7 @@ def test_stage_c_small_matches_diffusers(kw):
 
 @pytest.mark.parametrize("kw", SMALL_B)
 @pytest.mark.parametrize("pixels", [True, False])
-def test_stage_b_small_matches_diffusers(kw, pixels):
+def test_stage_b_small_matches_diffusers(kw, pixels, row_blocks):
     model = randomise(StageB(**kw))
     twin = diffusers_twin(model, kw)
     inputs = stage_b_inputs(kw, batch=2, h=22, w=26, pixels=pixels, sca=False)  # 11×13 -> 5×6 -> 2×3
@@ -271,6 +283,15 @@ def test_attention_equals_multihead_attention_and_honours_parametrizations():
         ours = block(x, BlockContext(None, clip))
         assert torch.allclose(ours, edited(x, BlockContext(None, clip)), atol=1e-5)
         assert not torch.allclose(ours, expected, atol=1e-3)
+
+
+def test_global_response_norm_matches_diffusers():
+    ours = randomise(GlobalResponseNorm(12))
+    theirs = DiffusersGRN(12)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, 7, 12)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-6)
 
 
 def test_feed_forward_block_is_resblock_mlp_without_depthwise():
