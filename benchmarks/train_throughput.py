@@ -1,10 +1,11 @@
 """Samples/s and peak memory of a Stage C training step, at a small and a medium size, with and without
 activation checkpointing (gradient_checkpointing).
 
-Run by hand, not in CI: `python benchmarks/train_throughput.py [--steps 5] [--device cpu]`. The step is the Stage C
-trainer's own (WurstCoreC.forward_pass: GDF noise, generator, weighted MSE; then backward, clipping, AdamW) on
-synthetic latents and conditions, so that data loading and the frozen encoders do not blur the generator's cost.
-Each configuration runs in a fresh process, so its peak memory is its own. Appends a row to benchmarks/RESULTS.md.
+Run by hand, not in CI: `python benchmarks/train_throughput.py [--steps 5] [--seconds 20] [--device cpu]`.
+The step is the Stage C trainer's own (WurstCoreC.forward_pass: GDF noise, generator, weighted MSE; then backward,
+clipping, AdamW) on synthetic latents and conditions, so that data loading and the frozen encoders do not blur the
+generator's cost. Each configuration runs in a fresh process, so its peak memory is its own, and is timed for at
+least `--steps` steps and `--seconds` seconds (median step time). Appends a row to benchmarks/RESULTS.md.
 """
 import argparse
 import datetime
@@ -50,7 +51,7 @@ def rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure(size, checkpointing, steps, device):
+def measure(size, checkpointing, steps, seconds, device):
     """One configuration in this process: {'samples_per_s', 'peak_mb', 'step_mb', 'params_m'}."""
     preset, overrides, side, batch_size = SIZES[size]
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +77,7 @@ def measure(size, checkpointing, steps, device):
     if core.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(core.device)
     times = []
-    for step in range(steps + 1):  # the first step warms up and is not timed
+    while len(times) <= steps or sum(times[1:]) < seconds:  # the first step warms up and is not timed
         start = time.perf_counter()
         with core.autocast():
             _, loss = core.forward_pass(batch, extras, models)
@@ -94,7 +95,8 @@ def measure(size, checkpointing, steps, device):
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
         step_mb = peak - before
-    return {"samples_per_s": batch_size / statistics.median(times[1:]), "peak_mb": peak, "step_mb": step_mb,
+    return {"samples_per_s": batch_size / statistics.median(times[1:]), "steps": len(times) - 1, "peak_mb": peak,
+            "step_mb": step_mb,
             "params_m": sum(p.numel() for p in generator.parameters()) / 1e6}
 
 
@@ -106,31 +108,33 @@ def cpu_model():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps, at least")
+    parser.add_argument("--seconds", type=float, default=20, help="timed seconds per configuration, at least")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--one", nargs=2, metavar=("SIZE", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # a child process: measure one configuration, print it as JSON
-        print(json.dumps(measure(args.one[0], args.one[1] == "1", args.steps, args.device)))
+        print(json.dumps(measure(args.one[0], args.one[1] == "1", args.steps, args.seconds, args.device)))
         return
     parts = []
     for size in SIZES:
         for checkpointing in (False, True):
-            done = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--device", args.device,
-                                   "--one", size, str(int(checkpointing))],
+            done = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--seconds",
+                                   str(args.seconds), "--device", args.device, "--one", size, str(int(checkpointing))],
                                   capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": ROOT})
             r = json.loads(done.stdout.strip().splitlines()[-1])
             _, _, side, batch_size = SIZES[size]
             label = f"{size} ({r['params_m']:.1f}M, {side}×{side} latents, batch {batch_size})"
             label += ", checkpointing" if checkpointing else ""
-            parts.append(f"{label}: {r['samples_per_s']:.2f} samples/s, peak {'GPU' if args.device != 'cpu' else 'RSS'}"
-                         f" {r['peak_mb']:.0f} MB (+{r['step_mb']:.0f} MB in the steps)")
+            memory = "GPU memory" if args.device != "cpu" else "RSS"
+            parts.append(f"{label}: {r['samples_per_s']:.2f} samples/s (median of {r['steps']} steps), peak {memory} "
+                         f"{r['peak_mb']:.0f} MB (+{r['step_mb']:.0f} MB in the steps)")
             print(parts[-1], flush=True)
     with open("/proc/meminfo") as f:
         ram = int(f.readline().split()[1]) / 2**20
     machine = (f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {ram:.0f} GiB RAM, "
                f"load average {os.getloadavg()[0]:.1f}, device {args.device})")
-    result = f"Stage C training step, median of {args.steps} timed steps: " + "; ".join(parts)
+    result = "Stage C training step: " + "; ".join(parts)
     if not os.path.exists(RESULTS):
         with open(RESULTS, "w") as f:
             f.write("# Benchmark results\n\nOne row per run; each benchmark script appends its own.\n\n" + HEADER)

@@ -33,7 +33,7 @@ _INFO_FILE = "info.json"
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig(Config):
-    save_every: int = EXPECTED_TRAIN  # updates between checkpoints; the previous one is removed once a new one is written
+    save_every: int = EXPECTED_TRAIN  # updates between checkpoints; each replaces the previous one once written
     backup_every: int = EXPECTED_TRAIN  # checkpoints at multiples of this many updates are kept for good
 
     def __post_init__(self):

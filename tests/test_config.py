@@ -93,8 +93,8 @@ def test_upstream_stage_b_configs_load_and_shift_is_ignored(name):
     assert not hasattr(cfg, "shift")
 
 
-TRAINERS = (("controlnet", ControlNetCore), ("_lora", LoraCore), ("finetune_b", WurstCoreB), ("tiny_b", WurstCoreB), ("finetune_c", WurstCoreC),
-            ("tiny_c", WurstCoreC))  # first match wins
+TRAINERS = (("controlnet", ControlNetCore), ("_lora", LoraCore), ("finetune_b", WurstCoreB), ("tiny_b", WurstCoreB),
+            ("finetune_c", WurstCoreC), ("tiny_c", WurstCoreC))  # first match wins
 
 
 def test_every_training_config_of_the_repo_loads():

@@ -195,7 +195,8 @@ def test_upstream_notebook_api(assets):
     unconditions = core.get_conditions(batch, models, extras, is_eval=True, is_unconditional=True)
     assert conditions["clip_img"].abs().sum() > 0 and unconditions["clip_img"].abs().sum() == 0
     latents = core.encode_latents(batch, models, extras)
-    assert latents.shape == (2, 16, 2, 2) and core.decode_latents(latents, batch, models, extras).shape == (2, 3, 16, 16)
+    assert latents.shape == (2, 16, 2, 2)
+    assert core.decode_latents(latents, batch, models, extras).shape == (2, 3, 16, 16)
     extras.sampling_configs["timesteps"] = 2
     *_, (sampled_c, _, _) = extras.gdf.sample(models.generator, conditions, latents.shape, unconditions,
                                               **extras.sampling_configs)
