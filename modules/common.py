@@ -233,16 +233,17 @@ class CascadeUNet(nn.Module):
             Conv2d(c_in * patch_size ** 2, c_hidden[0], kernel_size=1),
             LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
         )
-        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = (nn.ModuleList() for _ in range(3))
         for i in range(n):
             self.down_downscalers.append(nn.Sequential(
                 LayerNorm2d(c_hidden[i - 1], elementwise_affine=False, eps=1e-6),
                 self._resampler(c_hidden[i - 1], c_hidden[i], "down", i),
             ) if i > 0 else nn.Identity())
-            self.down_blocks.append(nn.ModuleList(make(kind, i) for _ in range(blocks[0][i]) for kind in level_config[i]))
+            self.down_blocks.append(nn.ModuleList(
+                make(kind, i) for _ in range(blocks[0][i]) for kind in level_config[i]))
             self.down_repeat_mappers.append(repeat_mappers(i, block_repeat[0][i]))
         # up levels run deepest first; the first block of every level but the deepest also reads the skip
-        self.up_blocks, self.up_upscalers, self.up_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.up_blocks, self.up_upscalers, self.up_repeat_mappers = (nn.ModuleList() for _ in range(3))
         for i in reversed(range(n)):
             self.up_upscalers.append(nn.Sequential(
                 LayerNorm2d(c_hidden[i], elementwise_affine=False, eps=1e-6),
@@ -315,14 +316,16 @@ class CascadeUNet(nn.Module):
     def _down_encode(self, x, ctx, controls=None):
         """Returns each level's output, deepest first."""
         level_outputs = []
-        for blocks, downscaler, repeat_mappers in zip(self.down_blocks, self.down_downscalers, self.down_repeat_mappers):
+        levels = zip(self.down_blocks, self.down_downscalers, self.down_repeat_mappers)
+        for blocks, downscaler, repeat_mappers in levels:
             x = self._run_level(downscaler(x), blocks, repeat_mappers, ctx, controls)
             level_outputs.insert(0, x)
         return level_outputs
 
     def _up_decode(self, level_outputs, ctx, controls=None):
         x = level_outputs[0]
-        for i, (blocks, upscaler, repeat_mappers) in enumerate(zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)):
+        levels = zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)
+        for i, (blocks, upscaler, repeat_mappers) in enumerate(levels):
             if i > 0:  # odd sizes: the upscaled map can miss the skip's size by a pixel
                 x = resize(x, level_outputs[i].shape[-2:])
                 ctx = ctx._replace(skip=level_outputs[i])

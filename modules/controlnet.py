@@ -71,7 +71,8 @@ class ControlNet(nn.Module):
     def __init__(self, c_in=3, c_proj=2048, proj_blocks=None, bottleneck_mode=None):
         super().__init__()
         if not proj_blocks:
-            raise ValueError("proj_blocks must list the ResBlock indices that receive a residual, e.g. [0, 4, 8, 12, 51, 55, 59, 63]")
+            raise ValueError("proj_blocks must list the ResBlock indices that receive a residual, "
+                             "e.g. [0, 4, 8, 12, 51, 55, 59, 63]")
         mode = bottleneck_mode or "effnet"
         if mode not in _BACKBONES:
             raise ValueError(f"unknown bottleneck_mode {bottleneck_mode!r} (use one of {sorted(_BACKBONES)})")
