@@ -101,17 +101,12 @@ def _progress(quiet):
     return callback
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    prompts = args.prompts or [DEFAULT_PROMPT]
-    import torch  # noqa: F401  (imported after parsing so --help is instant)
-    from inference.loading import load_pipeline
+def run(pipe, args, callback=None, preview_every=0):
+    """Parsed CLI settings → one pipeline call: (CascadeOutput, prompt of each image). The Gradio app calls this too,
+    so the same settings and seed give the same pixels in both."""
     from inference.pipeline import StageSampling
-    from inference.utils import load_image, to_pil
-
-    pipe = load_pipeline(args.config, device=args.device, dtype=args.dtype, offload=args.offload)
-    for path, scale in args.loras or []:
-        pipe.load_lora(path, scale=scale, merge=args.merge_lora)
+    from inference.utils import load_image
+    prompts = args.prompts or [DEFAULT_PROMPT]
     tiny = "tiny" in os.path.basename(args.config)
     height = args.height or (256 if tiny else 1024)
     width = args.width or (256 if tiny else 1024)
@@ -130,22 +125,24 @@ def main(argv=None):
                        control_strength=args.control_strength)
     stage_c = StageSampling(args.steps_c, args.cfg_c, args.shift_c, args.sampler, args.cfg_rho)
     stage_b = StageSampling(args.steps_b, args.cfg_b, args.shift_b, args.sampler, args.cfg_rho)
-    callback = _progress(args.quiet)
-    start = time.time()
     if args.reconstruct:
         out = pipe.reconstruct(load_image(args.reconstruct), compression=args.compression,
                                seed=args.seed or 0, stage_b=stage_b, callback=callback)
-        prompts_per_image = [""]
-    else:
-        kwargs = {}
-        if args.image:
-            kwargs.update(init_image=load_image(args.image), strength=args.strength)
-        if args.variation:
-            kwargs.update(variation_images=load_image(args.variation))
-        out = pipe.generate(prompts, negative_prompt=args.negative_prompt, num_images=args.num_images,
-                            height=height, width=width, seed=args.seed, stage_c=stage_c, stage_b=stage_b,
-                            callback=callback, **kwargs, **control)
-        prompts_per_image = out.settings["prompt"]
+        return out, [""]
+    kwargs = {}
+    if args.image:
+        kwargs.update(init_image=load_image(args.image), strength=args.strength)
+    if args.variation:
+        kwargs.update(variation_images=load_image(args.variation))
+    out = pipe.generate(prompts, negative_prompt=args.negative_prompt, num_images=args.num_images,
+                        height=height, width=width, seed=args.seed, stage_c=stage_c, stage_b=stage_b,
+                        callback=callback, preview_every=preview_every, **kwargs, **control)
+    return out, out.settings["prompt"]
+
+
+def save_pngs(out, prompts_per_image, args):
+    """Writes each image as a PNG (settings in its text chunks) into args.out, never overwriting; returns the paths."""
+    from inference.utils import to_pil
     os.makedirs(args.out, exist_ok=True)
     paths = []
     for i, image in enumerate(to_pil(out.images)):
@@ -159,6 +156,22 @@ def main(argv=None):
         if out.control is not None:  # what the ControlNet saw (edges, masked image), beside the image
             to_pil(out.control[i:i + 1])[0].save(path[:-len(".png")] + "_control.png")
         paths.append(path)
+    return paths
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    import torch  # noqa: F401  (imported after parsing so --help is instant)
+    from inference.loading import load_pipeline
+
+    pipe = load_pipeline(args.config, device=args.device, dtype=args.dtype, offload=args.offload)
+    for path, scale in args.loras or []:
+        pipe.load_lora(path, scale=scale, merge=args.merge_lora)
+    callback = _progress(args.quiet)
+    start = time.time()
+    out, prompts_per_image = run(pipe, args, callback=callback)
+    paths = save_pngs(out, prompts_per_image, args)
+    for path in paths:
         print(path)
     print(f"{len(paths)} image(s) in {time.time() - start:.1f}s → {args.out}", file=sys.stderr)
     return paths
