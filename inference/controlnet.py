@@ -59,14 +59,15 @@ class LoadedControlNet:
         """With output_scale != 1 the output size is fixed by the control image; anything else is an error."""
         expected = tuple(round(s * self.output_scale / 32) * 32 for s in image.shape[-2:])  # the pipeline's sizes
         if self.output_scale != 1 and (height, width) != expected:
-            raise PipelineError(f"the {self.name} ControlNet makes {self.output_scale}× the control image "
-                                f"({image.shape[-2]}×{image.shape[-1]}): pass height={expected[0]}, width={expected[1]}")
+            h, w = image.shape[-2:]
+            raise PipelineError(f"the {self.name} ControlNet makes {self.output_scale}× the control image ({h}×{w}): "
+                                f"pass height={expected[0]}, width={expected[1]}")
 
     def residuals(self, pipe, image, shape_c, mask=None, outpaint=False, strength=1.0):
         """(Stage C's `cnet` list for the batch, B×3×h×w picture of the control input).
 
-        The filter sees the control image at 32× Stage C's latent size, as in training (a 768² image for 24² latents);
-        a super-resolution filter gets it at 1/output_scale of that (antialiased), upsampled by nearest neighbour,
+        The filter sees the control image at 32× Stage C's latent size, as in training (768² for 24² latents); a
+        super-resolution filter gets it at 1/output_scale of that (antialiased), upsampled by nearest neighbour,
         which its own nearest downscale undoes exactly. The residuals are scaled by `strength`.
         """
         n, batch = image.shape[0], shape_c[0]

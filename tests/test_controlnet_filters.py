@@ -26,8 +26,15 @@ def photo():
 
 
 @pytest.fixture(scope="module")
-def tiny_effnet():
-    return build_model("effnet", "tiny").eval()
+def tiny_effnet(photo):
+    """A random encoder with BatchNorm statistics of the photo: untouched ones shrink its features to denormal
+    numbers, which crawl on a CPU."""
+    effnet = build_model("effnet", "tiny")
+    for bn in (m for m in effnet.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.momentum = None
+    with torch.no_grad():
+        effnet.train()(F.interpolate(photo, size=(64, 64), mode="bilinear"))
+    return effnet.eval()
 
 
 # ------------------------------------------------------------------------------------------------------- Canny

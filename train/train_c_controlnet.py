@@ -133,7 +133,8 @@ class ControlNetCore(WurstCoreC):
         extras.controlnet_filter = build_filter(cfg.controlnet_filter, self.device, cfg.controlnet_filter_params,
                                                 effnet=models.effnet)
         controlnet = build_controlnet(cfg, models.generator, extras.controlnet_filter, self.dtype(), self.device)
-        if cfg.training and cfg.controlnet_checkpoint_path is None and cfg.controlnet_bottleneck_mode in (None, "effnet"):
+        fresh = cfg.training and cfg.controlnet_checkpoint_path is None
+        if fresh and cfg.controlnet_bottleneck_mode in (None, "effnet"):
             init_backbone_from_encoder(controlnet, models.effnet)
         if cfg.training:
             models.controlnet = self.parallelize(controlnet.requires_grad_(True))
