@@ -177,9 +177,10 @@ def test_upstream_notebook_api(assets):
               "generator_checkpoint_path": assets.stage_c, "clip_text_model_name": "tiny",
               "clip_image_model_name": "tiny", "controlnet_blocks": [0, 3], "controlnet_filter": "InpaintFilter",
               "controlnet_filter_params": {"thresold": [0.04, 0.4], "p_outpaint": 0.4},
-              "controlnet_bottleneck_mode": "simple"}
+              "controlnet_bottleneck_mode": "simple", "offset_noise": 0.1}
     core = ControlNetCore(config_dict=config, device="cpu", training=False)
     extras = core.setup_extras_pre()
+    assert extras.gdf.offset_noise == 0.1  # upstream's key reaches GDF's training noise
     models = core.setup_models(extras)
     assert not models.controlnet.training and not any(p.requires_grad for p in models.controlnet.parameters())
     with torch.no_grad():
