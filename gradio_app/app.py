@@ -22,10 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python gradio_app/app.py` puts gradio_app/ first on the path, not the repo root
     sys.path.insert(0, ROOT)
 
-from inference.generate import build_parser, run, save_pngs  # noqa: E402
+from inference.generate import DEFAULT_CONFIG, build_parser, run, save_pngs  # noqa: E402
 
-# The model the app opens with. Random tiny weights for now; the embedded demo model (models/demo) replaces it here.
-DEFAULT_MODEL = "configs/inference/tiny.yaml"
+DEFAULT_MODEL = DEFAULT_CONFIG  # the model the app opens with, first in the selector
 CONFIG_DIR = os.path.join(ROOT, "configs", "inference")
 CLI_DEFAULTS = build_parser().parse_args([])
 MAX_SEED = 2**31 - 1

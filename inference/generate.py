@@ -11,6 +11,8 @@ import sys
 import time
 
 DEFAULT_PROMPT = "a small red circle in the top left on a blue background"
+# The model used when none is named (CLI, Gradio app, notebooks): random tiny weights until the embedded demo model.
+DEFAULT_CONFIG = "configs/inference/tiny.yaml"
 
 
 class _AddLora(argparse.Action):
@@ -28,7 +30,7 @@ class _AddLora(argparse.Action):
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m inference.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="configs/inference/tiny.yaml",
+    p.add_argument("--config", default=DEFAULT_CONFIG,
                    help="pipeline YAML (configs/inference/{big-big,big-small,small-big,small-small,tiny}.yaml)")
     p.add_argument("--prompt", action="append", dest="prompts", default=None,
                    help=f"text prompt; repeat --prompt for several (default: '{DEFAULT_PROMPT}')")
