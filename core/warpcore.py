@@ -3,9 +3,9 @@
 Set-up order as upstream: config, info (in the constructor), then on call: extras (pre), data, models, optimizers,
 schedulers, extras (post); then the latest checkpoint is restored and the loop runs. The loop does gradient
 accumulation (no gradient sync but on the last micro-batch), clipping, AdamW with warm-up, EMA, skipping of
-non-finite losses, checkpoints, sample grids and logs. Hooks a task fills: `setup_data`, `setup_models`,
-`forward_pass`, and optionally `setup_extras_pre/post`, `setup_optimizers`, `setup_schedulers`, `sample`,
-`trained_models`, `training_states`.
+non-finite losses or gradients, checkpoints, sample grids and logs. Hooks a task fills: `setup_data`,
+`setup_models`, `forward_pass`, and optionally `setup_extras_pre/post`, `setup_optimizers`, `setup_schedulers`,
+`sample`, `trained_models`, `training_states`, `data_metrics`, `checkpoint_metadata`.
 """
 import dataclasses
 import json
@@ -82,7 +82,7 @@ class WarpCore:
         """Progress that survives restarts (saved as info.json)."""
         total_steps: int = 0  # optimizer updates done
         iter: int = 0  # micro-batches done
-        skipped_steps: int = 0  # updates skipped for a non-finite loss
+        skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
         ema_loss: Optional[float] = None
         wandb_run_id: Optional[str] = None
 
