@@ -133,13 +133,14 @@ class Runner:
     """One pipeline per config, loaded on first use; runs CLI arguments and streams Stage C previews."""
 
     def __init__(self, device=None):
-        self.device, self.pipes = device, {}
+        self.device, self.pipes, self.lock = device, {}, threading.Lock()
 
     def pipe(self, config):
         from inference.loading import load_pipeline
-        if config not in self.pipes:
-            self.pipes[config] = load_pipeline(config, device=self.device)
-        return self.pipes[config]
+        with self.lock:  # the start-up preload and a first request may ask at once
+            if config not in self.pipes:
+                self.pipes[config] = load_pipeline(config, device=self.device)
+            return self.pipes[config]
 
     def stream(self, argv, preview_every=1):
         """Yields ("preview", PIL image, caption) while sampling, then ("done", PNG paths, seconds)."""
@@ -254,7 +255,8 @@ def build_demo(runner, out_dir, models=None, loras=None):
                 gr.Markdown("The LoRA applies to every tab's runs (Stage C and the text encoder).")
         with gr.Row():
             gallery = gr.Gallery(label="Images (PNG, settings in the file)", columns=4, elem_id="gallery")
-            preview = gr.Image(label="Stage C preview", interactive=False, format="png", elem_id="preview")
+            preview = gr.Image(label="Stage C preview", interactive=False, format="png", height=256,
+                               elem_id="preview")
         status = gr.Markdown(elem_id="status")
         command = gr.Textbox(label="The same run on the command line", interactive=False, elem_id="command")
         inputs = [model, prompt, negative, seed, randomize, height, width, num_images, steps_c, cfg_c,
@@ -274,7 +276,10 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "outputs", "gradio"), help="folder for the PNGs")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    demo = build_demo(Runner(args.device), args.out)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local demo: no telemetry
+    runner = Runner(args.device)
+    threading.Thread(target=runner.pipe, args=(DEFAULT_MODEL,), daemon=True).start()  # ready by the first click
+    demo = build_demo(runner, args.out)
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[args.out])
 
 

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "gradio_app"))
-import app  # noqa: E402
+from gradio_app import app
+from inference.generate import build_parser
 
-from inference.generate import build_parser  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -115,13 +114,14 @@ def test_browser_run_shows_the_clis_pixels(tmp_path):
     from playwright.sync_api import sync_playwright
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    # app and CLI start side by side, one thread each (the tiny models gain nothing from more)
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     server = subprocess.Popen([sys.executable, "gradio_app/app.py", "--port", str(port), "--device", "cpu",
                                "--out", str(tmp_path / "app")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     cli = subprocess.run([sys.executable, "-m", "inference.generate", "--prompt", PROMPT, "--out",
                           str(tmp_path / "cli"), "--quiet", "--device", "cpu"] + SETTINGS,
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     try:

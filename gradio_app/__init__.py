@@ -1,0 +1,1 @@
+"""The local Gradio demo (app.py)."""
