@@ -1,5 +1,6 @@
 """The Gradio demo: the form → CLI arguments, model and LoRA lists, masks, and a browser test (Debian's chromium
 driven by Playwright) whose image is pixel-equal to the CLI's PNG for the same seed and settings."""
+import json
 import os
 import shutil
 import socket
@@ -87,6 +88,40 @@ def test_drawn_strokes_become_a_white_mask(tmp_path):
     assert app.save_mask({"background": background, "layers": [np.zeros_like(layer)]}, str(tmp_path)) is None
     picture = Image.open(app.save_background({"background": background}, str(tmp_path)))
     assert picture.mode == "RGB" and picture.size == (10, 8)
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """scikit-image's coffee as a 128² PNG and a 64² one (super resolution), and a drawn inpainting mask."""
+    from skimage import data
+    folder = tmp_path_factory.mktemp("pictures")
+    coffee = Image.fromarray(data.coffee()).resize((128, 128))
+    coffee.save(folder / "coffee.png")
+    coffee.resize((64, 64)).save(folder / "small.png")
+    layer = np.zeros((128, 128, 4), np.uint8)
+    layer[32:96, 40:100, 3] = 255
+    mask = app.save_mask({"layers": [layer]}, str(folder))
+    return {"image": str(folder / "coffee.png"), "small": str(folder / "small.png"), "mask": mask}
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return app.Runner("cpu")
+
+
+@pytest.mark.parametrize("mode", ["variation", "image-to-image", "canny", "inpainting", "sr"])
+def test_every_tab_runs_through_the_cli_settings(mode, pictures, runner, tmp_path):
+    image = pictures["small"] if mode == "sr" else pictures["image"]
+    argv = app.cli_arguments(mode, app.DEFAULT_MODEL, PROMPT, "", 3, 128, 128, 1, 2, 4.0, 1, 1.1, str(tmp_path),
+                             image=image, mask=pictures["mask"] if mode == "inpainting" else None)
+    events = list(runner.stream(argv))
+    steps = 1 if mode == "image-to-image" else 2  # image-to-image samples strength 0.8 of the 2 steps
+    assert [e[2] for e in events if e[0] == "preview"] == [f"Stage C: step {i}/{steps}" for i in range(1, steps + 1)]
+    kind, paths, _ = events[-1]
+    assert kind == "done" and Image.open(paths[0]).size == (128, 128)  # sr: twice the 64² picture
+    recorded = json.loads(Image.open(paths[0]).info["parameters"])
+    assert recorded["seed"] == 3 and recorded.get("controlnet", recorded["mode"]) == mode
+    assert os.path.exists(paths[0][:-4] + "_control.png") == (mode in ("canny", "inpainting", "sr"))
 
 
 def _free_port():
