@@ -136,24 +136,25 @@ def random_vision_encoder(config, seed=0):
 
 
 # ------------------------------------------------------------------------------------------------ conditions
-@torch.inference_mode()
-def encode_text(text_model, tokenizer, captions, device=None):
+def encode_text(text_model, tokenizer, captions, device=None, grad=False):
     """Stage C's text conditions for a list of captions.
 
     Returns `clip_text` = the last encoder layer's output BEFORE the final LayerNorm (B×77×C, i.e.
     `hidden_states[-1]`, not `last_hidden_state`) and `clip_text_pooled` = projected `text_embeds` (B×1×C').
-    Each distinct caption runs through the encoder once.
+    Each distinct caption runs through the encoder once. Without `grad` the outputs are plain no-grad tensors
+    (usable in training as constants); with it, gradients reach trainable parts such as LoRA's token deltas.
     """
     if isinstance(captions, str):
         captions = [captions]
     device = device if device is not None else next(text_model.parameters()).device
     unique = list(dict.fromkeys(captions))
     tokens = tokenize(tokenizer, unique)
-    out = text_model(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device),
-                     output_hidden_states=True)
     index = torch.tensor([unique.index(c) for c in captions], device=device)
-    return {"clip_text": out.hidden_states[-1].index_select(0, index),
-            "clip_text_pooled": out.text_embeds.unsqueeze(1).index_select(0, index)}
+    with torch.set_grad_enabled(grad):  # also inside a caller's no_grad block: a trainer asks for gradients here
+        out = text_model(input_ids=tokens["input_ids"].to(device),
+                         attention_mask=tokens["attention_mask"].to(device), output_hidden_states=True)
+        return {"clip_text": out.hidden_states[-1].index_select(0, index),
+                "clip_text_pooled": out.text_embeds.unsqueeze(1).index_select(0, index)}
 
 
 def _check_images(images):

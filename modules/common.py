@@ -69,8 +69,9 @@ class GlobalResponseNorm(nn.Module):
 
     def scale(self, blocks):
         """s with GRN(x) = x · s + beta (B, 1, 1, C), from x given as blocks of rows."""
-        # the L2 norm over H, W as a sum of squares: torch.norm's strided reduction is ~10× slower on CPU
-        gx = sum((h * h).sum(dim=(1, 2), keepdim=True) for h in blocks).sqrt()
+        # the L2 norm over H, W as a sum of squares: torch.norm's strided reduction is ~10× slower on CPU. The clamp
+        # only touches all-zero channels (where x, hence GRN's x-term, is 0 anyway): it keeps sqrt's gradient finite.
+        gx = sum((h * h).sum(dim=(1, 2), keepdim=True) for h in blocks).clamp_min(1e-24).sqrt()
         return self.gamma * (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)) + 1
 
     def forward(self, x):

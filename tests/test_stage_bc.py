@@ -350,3 +350,16 @@ def test_bf16_weights_run_with_and_without_autocast(cls):
         assert torch.isfinite(out).all(), name
         assert (out.float() - ref).abs().max() <= 0.05 * ref.abs().max(), name
     assert runs["bf16 weights, fp32 inputs"].dtype == torch.bfloat16
+
+
+def test_grn_gradient_is_finite_on_an_all_zero_channel():
+    from modules.common import GlobalResponseNorm
+    grn = GlobalResponseNorm(4)
+    with torch.no_grad():
+        grn.gamma.normal_()
+        grn.beta.normal_()
+    x = torch.randn(2, 5, 5, 4)
+    x[..., 1] = 0  # a channel that is zero everywhere (e.g. after a ReLU-like collapse)
+    x.requires_grad_(True)
+    grn(x).square().sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(grn.gamma.grad).all()

@@ -94,8 +94,7 @@ class DataCore(WarpCore):
         captions = batch["captions"]
         if is_unconditional:
             captions = [""] * len(captions)
-        out = encode_text(models.text_model, models.tokenizer, captions, device=self.device)
-        return {k: v.clone() for k, v in out.items()}  # plain tensors: inference-mode ones cannot enter autograd
+        return encode_text(models.text_model, models.tokenizer, captions, device=self.device)
 
 
 class TrainingCore(DataCore):

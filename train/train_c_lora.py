@@ -103,10 +103,10 @@ class LoraCore(WurstCoreC):
 
     def text_conditions(self, batch, models, is_unconditional=False):
         """Stage C's text conditions, with gradients while training: the token deltas learn through the frozen text
-        encoder. (`encode_text` runs in inference mode; `__wrapped__` is the same function without it.)"""
+        encoder."""
         captions = [""] * len(batch["captions"]) if is_unconditional else batch["captions"]
-        with torch.set_grad_enabled(models.lora.training):
-            return encode_text.__wrapped__(models.text_model, models.tokenizer, captions, device=self.device)
+        return encode_text(models.text_model, models.tokenizer, captions, device=self.device,
+                           grad=models.lora.training)
 
     def checkpoint_metadata(self, models):
         """The LoRA file names its tokens, filters and rank, so inference loads it without a config."""
