@@ -124,6 +124,34 @@ def test_every_tab_runs_through_the_cli_settings(mode, pictures, runner, tmp_pat
     assert os.path.exists(paths[0][:-4] + "_control.png") == (mode in ("canny", "inpainting", "sr"))
 
 
+def test_a_chosen_lora_changes_the_image_and_leaves_the_cached_pipeline_as_it_was(runner, tmp_path):
+    import copy
+
+    import torch
+    from torch import nn
+
+    from core.weights import save_state_dict_file
+    from inference.lora import lora_metadata
+    from modules.lora import apply_lora
+    stage_c = copy.deepcopy(runner.pipe(app.DEFAULT_MODEL).stage_c)
+    adapters = apply_lora(stage_c, [".attn"], rank=2)
+    with torch.no_grad():
+        for p in (p for a in adapters for p in a.parameters()):
+            p.normal_(0, 0.3)
+    lora = tmp_path / "style_lora.safetensors"
+    save_state_dict_file(nn.ModuleDict({"weights": nn.ModuleList(adapters)}).state_dict(), lora,
+                         metadata=lora_metadata([], [".attn"], rank=2))
+
+    def pixels(loras=()):
+        argv = app.cli_arguments("text-to-image", app.DEFAULT_MODEL, PROMPT, "", 5, 128, 128, 1, 2, 4.0, 1, 1.1,
+                                 str(tmp_path), loras=loras)
+        return np.asarray(Image.open(list(runner.stream(argv))[-1][1][0]))
+
+    base = pixels()
+    assert not np.array_equal(pixels([(str(lora), 1.0)]), base)
+    assert runner.pipe(app.DEFAULT_MODEL).loras == [] and np.array_equal(pixels(), base)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
