@@ -75,16 +75,17 @@ class InpaintFilter(BaseFilter):
 
     The region is the user's `mask` (True or > 0.5 = fill; `outpaint` inverts it), honoured pixel for pixel.
     Without one (training), it is the saliency network's map of the image resized to 240 px, thresholded at
-    t ~ U(thresold), inverted with probability `p_outpaint` (outpainting), smoothed with a Gaussian (upstream's
+    t ~ U(threshold), inverted with probability `p_outpaint` (outpainting), smoothed with a Gaussian (upstream's
     141 px kernel at its 768 px training size, scaled with the image) and cut at 0.5. Without the saliency
     weights, random brush strokes and boxes take the map's place, so training still runs; `mask_source` says
-    which of the two is in use. `thresold` keeps upstream's spelling so its configs work unchanged.
+    which of the two is in use. (Upstream's configs spell the range `thresold`;
+    the trainer's config reads that as `threshold`.)
     """
 
-    def __init__(self, device="cpu", thresold=(0.04, 0.4), p_outpaint=0.4, saliency_path=None):
+    def __init__(self, device="cpu", threshold=(0.04, 0.4), p_outpaint=0.4, saliency_path=None):
         super().__init__(device)
         from modules.saliency import SALIENCY_PATH
-        self.thresold = tuple(thresold)
+        self.threshold = tuple(threshold)
         self.p_outpaint = p_outpaint
         self.saliency_path = saliency_path or SALIENCY_PATH
         self._saliency, self._warned = None, False
@@ -125,7 +126,7 @@ class InpaintFilter(BaseFilter):
                 from modules.saliency import load_saliency_net
                 self._saliency = load_saliency_net(self.saliency_path, self.device)
             saliency = self._saliency(TF.resize(x.float(), 240, antialias=True))  # B, 1, h, w
-            lo, hi = self.thresold
+            lo, hi = self.threshold
             t = lo + (hi - lo) * _rand(generator, B) if threshold is None else torch.full((B,), float(threshold))
             region = saliency > t.to(x.device).view(B, 1, 1, 1)
         else:

@@ -285,8 +285,8 @@ def test_identity_filter_without_insightface_or_its_models_names_what_to_install
 # ------------------------------------------------------------------------------------------------ construction
 def test_filters_build_from_upstreams_config_keys(tiny_effnet):
     assert build_filter("CannyFilter", params={"resize": 128}).resize == 128
-    inpaint = build_filter("InpaintFilter", params={"thresold": [0.1, 0.2], "p_outpaint": 0.0})
-    assert inpaint.thresold == (0.1, 0.2) and inpaint.p_outpaint == 0.0
+    inpaint = build_filter("InpaintFilter", params={"threshold": [0.1, 0.2], "p_outpaint": 0.0})
+    assert inpaint.threshold == (0.1, 0.2) and inpaint.p_outpaint == 0.0
     assert build_filter("SREffnetFilter", params={"scale_factor": 0.5}, effnet=tiny_effnet).effnet is tiny_effnet
     with pytest.raises(ValueError, match="unknown controlnet_filter 'EdgeFilter'"):
         build_filter("EdgeFilter")

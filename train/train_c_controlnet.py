@@ -81,6 +81,7 @@ class ControlNetCore(WurstCoreC):
 
     @dataclasses.dataclass(frozen=True)
     class Config(WurstCoreC.Config):
+        RENAMED = {"controlnet_filter_params.thresold": "controlnet_filter_params.threshold"}  # upstream's typo
         controlnet_blocks: list[int] = EXPECTED  # Stage C ResBlocks (execution order) that receive residuals
         controlnet_filter: str = EXPECTED  # a modules.controlnet_filters class, e.g. CannyFilter
         controlnet_filter_params: Optional[dict] = None  # the filter's keyword arguments
