@@ -37,7 +37,7 @@ def _rel(path):
 
 def list_models(config_dir=CONFIG_DIR):
     """DEFAULT_MODEL, then every pipeline config in `config_dir` whose weights are all on disk."""
-    from inference.config import ConfigError, load_pipeline_config
+    from inference.config import ConfigError, load_pipeline_config, weights_present
     models = [DEFAULT_MODEL]
     for name in sorted(os.listdir(config_dir)):
         path = _rel(os.path.join(config_dir, name))
@@ -47,9 +47,7 @@ def list_models(config_dir=CONFIG_DIR):
             cfg = load_pipeline_config(os.path.join(config_dir, name))
         except (ConfigError, TypeError, KeyError, ValueError):
             continue  # a per-stage, ControlNet or LoRA config
-        files = [cfg.text_encoder_path, cfg.stage_c.generator_checkpoint_path,
-                 cfg.stage_b.generator_checkpoint_path, cfg.stage_b.stage_a_checkpoint_path]
-        if cfg.random_weights or all(f and os.path.exists(f) for f in files):
+        if weights_present(cfg):
             models.append(path)
     return models
 

@@ -94,3 +94,10 @@ def load_pipeline_config(path_or_dict, overrides=None):
     values["stage_c"] = _stage(values["stage_c"], f"{where}: stage_c", base_dir)
     values["stage_b"] = _stage(values["stage_b"], f"{where}: stage_b", base_dir)
     return PipelineConfig(**values, source=where)
+
+
+def weights_present(cfg: PipelineConfig):
+    """True when every file the config names is on disk (or it asks for random weights)."""
+    files = [cfg.text_encoder_path, cfg.stage_c.generator_checkpoint_path, cfg.stage_c.effnet_checkpoint_path,
+             cfg.stage_b.generator_checkpoint_path, cfg.stage_b.stage_a_checkpoint_path]
+    return cfg.random_weights or all(f and os.path.exists(f) for f in files)

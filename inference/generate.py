@@ -13,6 +13,16 @@ import time
 DEFAULT_PROMPT = "a small red circle in the top left on a blue background"
 # The model used when none is named (CLI, Gradio app, notebooks): random tiny weights until the embedded demo model.
 DEFAULT_CONFIG = "configs/inference/tiny.yaml"
+# Without --config the CLI takes the first of these whose weights are downloaded, else DEFAULT_CONFIG.
+RELEASED_CONFIGS = [f"configs/inference/{v}.yaml" for v in ("big-big", "big-small", "small-big", "small-small")]
+
+
+def default_config():
+    from inference.config import load_pipeline_config, weights_present
+    for path in RELEASED_CONFIGS:
+        if weights_present(load_pipeline_config(path)):
+            return path
+    return DEFAULT_CONFIG
 
 
 class _AddLora(argparse.Action):
@@ -30,8 +40,9 @@ class _AddLora(argparse.Action):
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m inference.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help="pipeline YAML (configs/inference/{big-big,big-small,small-big,small-small,tiny}.yaml)")
+    p.add_argument("--config", default=None,
+                   help="pipeline YAML (configs/inference/{big-big,big-small,small-big,small-small,tiny}.yaml); "
+                        f"default: the first released variant that is downloaded, else {DEFAULT_CONFIG}")
     p.add_argument("--prompt", action="append", dest="prompts", default=None,
                    help=f"text prompt; repeat --prompt for several (default: '{DEFAULT_PROMPT}')")
     p.add_argument("--negative-prompt", default="", help="text for the unconditional branch (both stages)")
@@ -163,6 +174,7 @@ def save_pngs(out, prompts_per_image, args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.config = args.config or default_config()
     import torch  # noqa: F401  (imported after parsing so --help is instant)
     from inference.loading import load_pipeline
 

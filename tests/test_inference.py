@@ -273,3 +273,17 @@ def test_cli_writes_pngs_with_metadata(tmp_path):
                           "--image", str(paths[0]), "--out", str(out), "--quiet"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "strength" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_without_config_the_cli_takes_the_downloaded_release_else_tiny(tmp_path, monkeypatch):
+    import shutil
+    from inference.generate import DEFAULT_CONFIG, default_config
+    shutil.copytree(os.path.join(ROOT, "configs"), tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    assert default_config() == DEFAULT_CONFIG
+    # small-small's files: Stage C lite, Stage B lite, Stage A, EfficientNet and the text encoder folder
+    for f in ("stage_c_lite_bf16.safetensors", "stage_b_lite_bf16.safetensors", "stage_a.safetensors",
+              "effnet_encoder.safetensors", "text_encoder/config.json"):
+        (tmp_path / "models" / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "models" / f).write_bytes(b"x")
+    assert default_config() == "configs/inference/small-small.yaml"
