@@ -12,6 +12,8 @@ if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want"
 fi
 echo "[setup] creating/refreshing $venv from requirements.txt (first run takes a few minutes)" >&2
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$root/requirements.txt"
+# (this machine's pip configuration names local indexes that may not exist: pip's warnings about them are noise)
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$root/requirements.txt" 2>&1 \
+  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 echo "$want" > "$stamp"
 echo "[setup] done" >&2
