@@ -17,7 +17,7 @@ import yaml
 from torch import nn
 from torch.nn.utils import parametrize
 
-from core.weights import load_state_dict_file, read_metadata, save_state_dict_file
+from core.weights import load_state_dict_file, read_metadata
 from modules.lora import _ADAPTED_TENSORS, LoRA, ReToken, _adaptable
 
 DEFAULT_FILTERS = (".attn",)  # upstream's module_filters: every AttnBlock's in- and out-projection

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from .common import BlockContext, CascadeUNet, Conv2d
+from .common import CascadeUNet, Conv2d
 
 
 class UpDownBlock2d(nn.Module):

@@ -105,6 +105,9 @@ class TrainingCore(DataCore):
     `noise` (the training noise).
     """
     SAMPLING_DEFAULTS = {}  # a trainer's GDF.sample arguments for its sample grids
+    # What a trainer trains instead of the generator (e.g. "a ControlNet"): then the generator is loaded frozen and
+    # in eval mode, also while training (upstream forgets both, SPEC §7), with no EMA and no DDP/FSDP wrapper.
+    FROZEN_GENERATOR_FOR: Optional[str] = None
 
     @dataclasses.dataclass(frozen=True)
     class Config(DataCore.Config):
@@ -181,13 +184,16 @@ class TrainingCore(DataCore):
         activation-checkpointed and wrapped for DDP/FSDP as configured."""
         from core.weights import load_model
         cfg = self.config
+        frozen = self.FROZEN_GENERATOR_FOR
         if cfg.generator_checkpoint_path is not None:
             generator = load_model(cfg.generator_checkpoint_path, kind=kind, preset=cfg.model_version,
                                    kwargs=cfg.model_kwargs or {}, dtype=self.dtype())
+        elif frozen and cfg.model_version != TINY:
+            raise ConfigError(f"{frozen} is trained for a trained Stage C: set generator_checkpoint_path")
         else:
             generator = build_model(kind, cfg.model_version, dtype=self.dtype(), **(cfg.model_kwargs or {}))
         generator = generator.to(self.device)
-        if not cfg.training:
+        if not cfg.training or frozen:
             return generator.eval().requires_grad_(False), None
         generator.requires_grad_(True)
         ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.use_ema else None

@@ -24,7 +24,7 @@ from core.config import EXPECTED, ConfigError  # noqa: E402
 from core.warpcore import WarpCore  # noqa: E402
 from modules.controlnet_filters import BaseFilter, build_filter  # noqa: E402
 from modules.presets import build_model  # noqa: E402
-from train.base import TINY, main  # noqa: E402
+from train.base import main  # noqa: E402
 from train.train_c import WurstCoreC  # noqa: E402
 
 
@@ -105,6 +105,8 @@ class ControlNetCore(WurstCoreC):
     class Extras(WurstCoreC.Extras):
         controlnet_filter: BaseFilter = None
 
+    FROZEN_GENERATOR_FOR = "a ControlNet"
+
     def trained_models(self):
         return ["controlnet"]
 
@@ -112,19 +114,6 @@ class ControlNetCore(WurstCoreC):
         extras = super().setup_extras_pre()
         extras.gdf.offset_noise = self.config.offset_noise or 0.0
         return extras
-
-    def setup_generator(self, kind):
-        """Stage C frozen and in eval mode, also while training (SPEC §7): no EMA, no DDP/FSDP wrapper."""
-        from core.weights import load_model
-        cfg = self.config
-        if cfg.generator_checkpoint_path is not None:
-            generator = load_model(cfg.generator_checkpoint_path, kind=kind, preset=cfg.model_version,
-                                   kwargs=cfg.model_kwargs or {}, dtype=self.dtype())
-        elif cfg.model_version == TINY:
-            generator = build_model(kind, cfg.model_version, dtype=self.dtype(), **(cfg.model_kwargs or {}))
-        else:
-            raise ConfigError("a ControlNet is trained for a trained Stage C: set generator_checkpoint_path")
-        return generator.to(self.device).eval().requires_grad_(False), None
 
     def setup_models(self, extras):
         """Stage C's models, then the filter (sharing the EfficientNet encoder, which SREffnetFilter needs; it goes

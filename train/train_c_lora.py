@@ -24,8 +24,7 @@ from core.warpcore import WarpCore  # noqa: E402
 from core.weights import load_state_dict_file  # noqa: E402
 from inference.lora import add_tokens, lora_metadata  # noqa: E402
 from modules.lora import apply_lora, apply_retoken  # noqa: E402
-from modules.presets import build_model  # noqa: E402
-from train.base import TINY, main  # noqa: E402
+from train.base import main  # noqa: E402
 from train.train_c import WurstCoreC  # noqa: E402
 
 
@@ -51,21 +50,10 @@ class LoraCore(WurstCoreC):
     class Schedulers(WarpCore.Schedulers):
         lora: Any = None
 
+    FROZEN_GENERATOR_FOR = "a LoRA"
+
     def trained_models(self):
         return ["lora"]
-
-    def setup_generator(self, kind):
-        """Stage C frozen and in eval mode, also while training (SPEC §7): no EMA, no DDP/FSDP wrapper."""
-        from core.weights import load_model
-        cfg = self.config
-        if cfg.generator_checkpoint_path is not None:
-            generator = load_model(cfg.generator_checkpoint_path, kind=kind, preset=cfg.model_version,
-                                   kwargs=cfg.model_kwargs or {}, dtype=self.dtype())
-        elif cfg.model_version == TINY:
-            generator = build_model(kind, cfg.model_version, dtype=self.dtype(), **(cfg.model_kwargs or {}))
-        else:
-            raise ConfigError("a LoRA is trained for a trained Stage C: set generator_checkpoint_path")
-        return generator.to(self.device).eval().requires_grad_(False), None
 
     def setup_models(self, extras):
         """Stage C's models, then the tokens and the adapters (in fp32 on any base dtype: they are what learns)."""
