@@ -48,6 +48,9 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 _CACHE_BLOCK = 1 << 20  # elements of the widest activation per row block on CPU (4 MB in fp32)
+# Pixels a block keeps at least: thinner blocks make the channel MLP's GEMMs too thin to run at speed (a Stage C
+# ResBlock at 2×24×24 ran 10% (1B) and 13–19% (3.6B) faster than with ~144-pixel blocks; Stage B's maps unchanged).
+_MIN_BLOCK_PIXELS = 512
 
 
 def _row_blocks(x, width):
@@ -56,7 +59,8 @@ def _row_blocks(x, width):
     ResBlock's time outside its matmuls; accelerators prefer one large kernel."""
     if x.device.type != "cpu":
         return 1
-    return max(1, min(x.size(1), math.ceil(x.size(0) * x.size(1) * x.size(2) * width / _CACHE_BLOCK)))
+    pixels = x.size(0) * x.size(1) * x.size(2)
+    return max(1, min(x.size(1), math.ceil(pixels * width / _CACHE_BLOCK), pixels // _MIN_BLOCK_PIXELS))
 
 
 class GlobalResponseNorm(nn.Module):

@@ -143,6 +143,7 @@ def row_blocks(request, monkeypatch):
     take that path too (one row per block)."""
     if request.param == "one row per block":
         monkeypatch.setattr(modules.common, "_CACHE_BLOCK", 1)
+        monkeypatch.setattr(modules.common, "_MIN_BLOCK_PIXELS", 1)
         assert modules.common._row_blocks(torch.empty(2, 3, 5, 4), 16) == 3
     return request.param
 
@@ -363,3 +364,12 @@ def test_grn_gradient_is_finite_on_an_all_zero_channel():
     x.requires_grad_(True)
     grn(x).square().sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(grn.gamma.grad).all()
+
+
+def test_cpu_row_blocks_stay_cache_sized_but_not_thin():
+    from modules.common import _row_blocks
+    # Stage C 1B at 1024² (2×24×24, MLP width 6144): 2 blocks of 576 pixels, not 7 thin ones
+    assert _row_blocks(torch.empty(2, 24, 24, 1), 6144) == 2
+    # Stage B's first level at 1024² (2×256×256, width 1280): 160 cache-sized blocks of ~819 pixels
+    assert _row_blocks(torch.empty(2, 256, 256, 1), 1280) == 160
+    assert _row_blocks(torch.empty(1, 4, 4, 1), 10**9) == 1
