@@ -105,17 +105,12 @@ def random_model(kind, preset, device="cpu", seed=0, **overrides):
     return model.eval().requires_grad_(False)
 
 
-def _all_kwargs(model):
-    spec = model.build_spec
-    from modules.presets import preset_kwargs
-    bound = inspect.signature(type(model)).bind(**{**preset_kwargs(spec["kind"], spec["preset"]), **spec["kwargs"]})
+def diffusers_config(cls, kwargs):
+    """diffusers' StableCascadeUNet config for our Stage B/C class built with `kwargs` (defaults filled in), written
+    here because from_single_file would fetch it from the Hub. The parity tests use it too."""
+    bound = inspect.signature(cls).bind(**kwargs)
     bound.apply_defaults()
-    return bound.arguments
-
-
-def diffusers_config(model):
-    """diffusers' StableCascadeUNet config for one of our Stage B/C models (written here: no Hub access)."""
-    k = _all_kwargs(model)
+    k = bound.arguments
     config = dict(
         in_channels=k["c_in"], out_channels=k["c_out"], timestep_ratio_embedding_dim=k["c_r"],
         patch_size=k["patch_size"], conditioning_dim=k["c_cond"], block_out_channels=k["c_hidden"],
@@ -125,13 +120,20 @@ def diffusers_config(model):
         block_types_per_layer=[[DIFFUSERS_BLOCKS[t] for t in level] for level in k["level_config"]],
         clip_seq=k["c_clip_seq"], kernel_size=k["kernel_size"], dropout=k["dropout"], self_attn=k["self_attn"],
         timestep_conditioning_type=k["t_conds"])
-    if model.build_spec["kind"] == "stage_c":
+    if "c_clip_text" in k:  # Stage C
         config.update(clip_text_in_channels=k["c_clip_text"], clip_text_pooled_in_channels=k["c_clip_text_pooled"],
                       clip_image_in_channels=k["c_clip_img"], switch_level=k["switch_level"])
     else:
         config.update(clip_text_pooled_in_channels=k["c_clip"], effnet_in_channels=k["c_effnet"],
                       pixel_mapper_in_channels=k["c_pixels"], switch_level=None)
     return config
+
+
+def _model_kwargs(model):
+    """The constructor kwargs a model of modules.presets.build_model was built with."""
+    from modules.presets import preset_kwargs
+    spec = model.build_spec
+    return {**preset_kwargs(spec["kind"], spec["preset"]), **spec["kwargs"]}
 
 
 @torch.no_grad()
@@ -142,7 +144,7 @@ def diffusers_twin(model, share=False):
     from diffusers.loaders.single_file_utils import convert_stable_cascade_unet_single_file_to_diffusers
     from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
     with torch.device("meta"):
-        twin = StableCascadeUNet(**diffusers_config(model))
+        twin = StableCascadeUNet(**diffusers_config(type(model), _model_kwargs(model)))
     sd = {k: v if share else v.clone() for k, v in model.state_dict().items()}
     twin.load_state_dict(convert_stable_cascade_unet_single_file_to_diffusers(sd), strict=True, assign=True)
     return twin.eval().requires_grad_(False)

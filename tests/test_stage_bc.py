@@ -13,13 +13,13 @@ from diffusers.models.unets.unet_stable_cascade import SDCascadeResBlock, Stable
 from torch.nn.utils import parametrize
 
 import modules.common
+from benchmarks.common import diffusers_config
 from conftest import REFERENCE
 from modules.common import AttnBlock, BlockContext, FeedForwardBlock, GlobalResponseNorm
 from modules.stage_b import StageB
 from modules.stage_c import StageC
 
 PRESETS = {"stage_b_3b": StageB, "stage_b_700m": StageB, "stage_c_3.6b": StageC, "stage_c_1b": StageC}
-DIFFUSERS_BLOCKS = {"C": "SDCascadeResBlock", "T": "SDCascadeTimestepBlock", "A": "SDCascadeAttnBlock"}
 
 
 def layout(name):
@@ -34,23 +34,8 @@ def all_kwargs(cls, kwargs):
 
 
 def diffusers_twin(model, kwargs):
-    """diffusers' StableCascadeUNet with our model's weights, from a config written here (no Hub access)."""
-    k = all_kwargs(type(model), kwargs)
-    config = dict(
-        in_channels=k["c_in"], out_channels=k["c_out"], timestep_ratio_embedding_dim=k["c_r"],
-        patch_size=k["patch_size"], conditioning_dim=k["c_cond"], block_out_channels=k["c_hidden"],
-        num_attention_heads=k["nhead"], down_num_layers_per_block=k["blocks"][0],
-        up_num_layers_per_block=k["blocks"][1], down_blocks_repeat_mappers=k["block_repeat"][0],
-        up_blocks_repeat_mappers=k["block_repeat"][1],
-        block_types_per_layer=[[DIFFUSERS_BLOCKS[t] for t in level] for level in k["level_config"]],
-        clip_seq=k["c_clip_seq"], kernel_size=k["kernel_size"], dropout=k["dropout"], self_attn=k["self_attn"],
-        timestep_conditioning_type=k["t_conds"])
-    if isinstance(model, StageC):
-        config.update(clip_text_in_channels=k["c_clip_text"], clip_text_pooled_in_channels=k["c_clip_text_pooled"],
-                      clip_image_in_channels=k["c_clip_img"], switch_level=k["switch_level"])
-    else:
-        config.update(clip_text_pooled_in_channels=k["c_clip"], effnet_in_channels=k["c_effnet"],
-                      pixel_mapper_in_channels=k["c_pixels"], switch_level=None)
+    """diffusers' StableCascadeUNet with our model's weights, converted by diffusers' own converter."""
+    config = diffusers_config(type(model), kwargs)
     twin = StableCascadeUNet(**config).eval()
     twin.load_state_dict(convert_stable_cascade_unet_single_file_to_diffusers(model.state_dict()), strict=True)
     return twin
