@@ -17,7 +17,7 @@ from modules.controlnet_filters import InpaintFilter, build_filter
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("canny", "inpainting", "sr", "identity")
 # Stage C preset -> infix of its ControlNet configs; ControlNets were released for the 3.6B Stage C only
-_CONFIG_INFIX = {"3.6B": "c_3b", "tiny": "tiny"}
+_CONFIG_INFIX = {"3.6B": "c_3b", "tiny": "tiny", "demo": "demo"}
 
 
 def controlnet_config_path(source, stage_c_preset):

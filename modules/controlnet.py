@@ -61,12 +61,24 @@ def _large_backbone(c_in):
     ), 1280
 
 
-_BACKBONES = {"effnet": _effnet_backbone, "simple": _simple_backbone, "large": _large_backbone}
+def _conv_backbone(c_in, widths=(16, 32, 64, 128, 128)):
+    """Five stride-2 3×3 convs: stride 32 like the EfficientNet's, for small Stage Cs (the demo model) that an
+    EfficientNetV2-S backbone would outweigh many times over."""
+    layers, c = [], c_in
+    for width in widths:
+        layers += [nn.Conv2d(c, width, kernel_size=3, stride=2, padding=1), nn.GELU()]
+        c = width
+    return nn.Sequential(*layers[:-1]), c
+
+
+_BACKBONES = {"effnet": _effnet_backbone, "simple": _simple_backbone, "large": _large_backbone,
+              "conv": _conv_backbone}
 
 
 class ControlNet(nn.Module):
     """`proj_blocks` lists the StageC ResBlocks (in execution order) that receive a residual; `bottleneck_mode`
-    picks the backbone: 'effnet' (default), 'simple' (two 3×3 convs at c_in) or 'large' (1×1 MLP + 8 res blocks)."""
+    picks the backbone: 'effnet' (default), 'simple' (two 3×3 convs at c_in), 'large' (1×1 MLP + 8 res blocks) or
+    'conv' (five strided convs, for small Stage Cs)."""
 
     def __init__(self, c_in=3, c_proj=2048, proj_blocks=None, bottleneck_mode=None):
         super().__init__()

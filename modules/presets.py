@@ -18,6 +18,7 @@ MODEL_CLASSES = {
     "stage_b": "modules.stage_b.StageB",
     "stage_c": "modules.stage_c.StageC",
     "effnet": "modules.effnet.EfficientNetEncoder",
+    "effnet_lite0": "modules.effnet_lite.EfficientNetLite0Encoder",  # the demo model's semantic compressor
     "previewer": "modules.previewer.Previewer",
     "controlnet": "modules.controlnet.ControlNet",
 }
@@ -29,6 +30,10 @@ TINY_CLIP_TEXT_DIM = 32  # text encoder hidden size -> Stage C `clip_text`
 TINY_CLIP_TEXT_POOLED_DIM = 24  # text projection size -> Stage C `clip_text_pooled`, Stage B `clip`
 TINY_CLIP_IMAGE_DIM = 16  # vision projection size -> Stage C `clip_img`
 TINY_STAGE_C_WIDTH = 64  # tiny Stage C c_hidden, which the tiny ControlNet projects to
+# The demo cascade (models/demo): all-MiniLM-L6-v2 text (384) and EfficientNet-Lite0 image embeddings (1280)
+DEMO_TEXT_DIM = 384
+DEMO_IMAGE_DIM = 1280
+DEMO_STAGE_C_WIDTH = 176
 
 _PROJ_BLOCKS = [0, 4, 8, 12, 51, 55, 59, 63]  # the 3.6B Stage C ResBlocks the released ControlNets feed
 
@@ -39,6 +44,10 @@ PRESETS = {
         "tiny": dict(c_cond=64, c_hidden=[TINY_STAGE_C_WIDTH, TINY_STAGE_C_WIDTH], nhead=[2, 2],
                      blocks=[[1, 1], [1, 1]], c_clip_text=TINY_CLIP_TEXT_DIM,
                      c_clip_text_pooled=TINY_CLIP_TEXT_POOLED_DIM, c_clip_img=TINY_CLIP_IMAGE_DIM),
+        # 3×3 latents for 128² images; small enough to train on a 2-core CPU in minutes
+        "demo": dict(c_cond=DEMO_STAGE_C_WIDTH, c_hidden=[DEMO_STAGE_C_WIDTH, DEMO_STAGE_C_WIDTH], nhead=[4, 4],
+                     blocks=[[2, 2], [2, 2]], c_clip_text=DEMO_TEXT_DIM, c_clip_text_pooled=DEMO_TEXT_DIM,
+                     c_clip_img=DEMO_IMAGE_DIM),
     },
     "stage_b": {
         "3B": dict(c_hidden=[320, 640, 1280, 1280], nhead=[-1, -1, 20, 20], blocks=[[2, 6, 28, 6], [6, 28, 6, 2]],
@@ -49,13 +58,19 @@ PRESETS = {
         "tiny": dict(c_cond=64, c_hidden=[32, 64], nhead=[-1, 2], blocks=[[1, 1], [1, 1]],
                      block_repeat=[[1, 1], [2, 2]], level_config=["CT", "CTA"], dropout=[0, 0],
                      c_clip=TINY_CLIP_TEXT_POOLED_DIM),
+        # 32×32×4 Stage A latents of 128² images: 16×16 then 8×8 tokens
+        "demo": dict(c_cond=128, c_hidden=[64, 128], nhead=[-1, 4], blocks=[[2, 4], [4, 2]],
+                     block_repeat=[[1, 1], [1, 1]], level_config=["CT", "CTA"], dropout=[0, 0], c_clip=DEMO_TEXT_DIM),
     },
     "stage_a": {
         "default": {},
         "tiny": dict(bottleneck_blocks=1, c_hidden=32, codebook_size=64),
+        # The demo model's: 128 px procedural scenes (demo/scenes.py), trained by configs/training/demo_a.yaml.
+        "demo": dict(levels=2, c_hidden=64, bottleneck_blocks=2, c_latent=4, codebook_size=1024),
     },
     # EfficientNetV2-S has no width knobs; at 64 px it already runs in a fraction of a second.
     "effnet": {"default": {}, "tiny": {}},
+    "effnet_lite0": {"default": {}},
     "previewer": {
         "default": {},
         "tiny": dict(c_hidden=32),
@@ -67,6 +82,8 @@ PRESETS = {
         "identity": dict(c_in=512, proj_blocks=list(range(64)), bottleneck_mode="simple"),
         # Feeds the first and last ResBlock of the tiny Stage C (which has four).
         "tiny": dict(c_in=3, c_proj=TINY_STAGE_C_WIDTH, proj_blocks=[0, 3], bottleneck_mode="simple"),
+        # the demo Stage C's first and last ResBlocks (of eight)
+        "demo_canny": dict(c_in=1, c_proj=DEMO_STAGE_C_WIDTH, proj_blocks=[0, 7], bottleneck_mode="conv"),
     },
 }
 

@@ -3,6 +3,7 @@
 import argparse
 import copy
 import dataclasses
+import os
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -17,9 +18,10 @@ from modules.common import AttnBlock, FeedForwardBlock, ResBlock, TimestepBlock
 from modules.gdf import (GDF, AdaptiveLossWeight, CosineSchedule, CosineTNoiseCond, EpsilonTarget, P2LossWeight,
                          VPScaler, VTarget, X0Target)
 from modules.gdf.noise import randn
-from modules.presets import TINY_CLIP_TEXT_DIM, TINY_CLIP_TEXT_POOLED_DIM, build_model
+from modules.presets import PRESETS, TINY_CLIP_TEXT_DIM, TINY_CLIP_TEXT_POOLED_DIM, build_model
 
 TINY = "tiny"  # model_version / encoder name for the small random models of the tiny configs and the tests
+PRESETS_WITH_TINY = {kind for kind, presets in PRESETS.items() if TINY in presets}
 # FSDP units and activation-checkpointing units of Stage B and C (SPEC §5)
 BLOCK_CLASSES = (ResBlock, AttnBlock, TimestepBlock, FeedForwardBlock)
 TARGETS = {"epsilon": EpsilonTarget, "v": VTarget, "x0": X0Target}
@@ -29,6 +31,9 @@ TARGETS = {"epsilon": EpsilonTarget, "v": VTarget, "x0": X0Target}
 class DataConfig(Config):
     """The training data (core.data): webdataset shards, filters, captions, aspect-ratio buckets."""
     webdataset_path: Union[str, list[str]] = EXPECTED_TRAIN
+    # shards of the frozen encoders' outputs for these images (`train/train_x.py config --write-cache DIR`): when
+    # set, training reads them instead of encoding images every step
+    cached_webdataset_path: Optional[Union[str, list[str]]] = None
     image_size: int = EXPECTED_TRAIN
     multi_aspect_ratio: Optional[list[Union[str, float]]] = None  # None: square crops
     captions_getter: Optional[list[str]] = None  # [entry, getter name]; None: ['txt', 'identity']
@@ -64,8 +69,14 @@ class DataCore(WarpCore):
         text_model: nn.Module = None
 
     def setup_data(self, extras):
-        from core.data import build_dataloader
+        from core.data import build_cached_dataloader, build_dataloader
         cfg = self.config
+        if cfg.cached_webdataset_path:  # the frozen encoders' outputs (`--write-cache`); caption dropout: see below
+            loader = build_cached_dataloader(
+                cfg.cached_webdataset_path, cfg.micro_batch_size(self.env.world_size), tensors=self.CACHED_TENSORS,
+                shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+                rank=self.env.rank, world_size=self.env.world_size, seed=cfg.seed)
+            return self.Data(dataset=loader.stream, dataloader=loader, iterator=iter(loader))
         loader = build_dataloader(
             cfg.webdataset_path, cfg.micro_batch_size(self.env.world_size), image_size=cfg.image_size,
             multi_aspect_ratio=cfg.multi_aspect_ratio, captions_getter=cfg.captions_getter,
@@ -89,12 +100,48 @@ class DataCore(WarpCore):
             return build_tokenizer(), text_model
         return build_tokenizer(name), load_text_encoder(name, dtype=self.dtype(), device=self.device)
 
-    def text_conditions(self, batch, models, is_unconditional=False) -> dict:
-        """{'clip_text', 'clip_text_pooled'} of the batch's captions ("" for the unconditional branch)."""
+    CACHED_TENSORS: tuple = ()  # what `--write-cache` stores per sample and a cached run reads instead of images
+
+    def text_conditions(self, batch, models, is_unconditional=False, generators=None) -> dict:
+        """{'clip_text', 'clip_text_pooled'} of the batch's captions ("" for the unconditional branch).
+
+        A cached batch carries them; its caption dropout happens here (`caption_dropout` of the rows, drawn from
+        the per-sample `generators` in training), replacing rows by the embeddings of "" exactly as the image
+        pipeline's dropped captions would be encoded.
+        """
         captions = batch["captions"]
         if is_unconditional:
             captions = [""] * len(captions)
+        elif "clip_text" in batch:
+            cond = {k: batch[k].to(self.device) for k in ("clip_text", "clip_text_pooled")}
+            if generators is not None and self.config.caption_dropout > 0:
+                drop = torch.cat([torch.rand(1, generator=g) < self.config.caption_dropout for g in generators])
+                if drop.any():
+                    empty = encode_text(models.text_model, models.tokenizer, [""], device=self.device)
+                    for k, v in cond.items():
+                        v[drop.to(v.device)] = empty[k].to(v.dtype)
+            return cond
         return encode_text(models.text_model, models.tokenizer, captions, device=self.device)
+
+    def cache_tensors(self, batch, models) -> dict:
+        """{name: B×...} for CACHED_TENSORS from an image batch: what the frozen encoders make of it."""
+        raise NotImplementedError(f"{type(self).__name__} has no cached training mode")
+
+    @torch.no_grad()
+    def write_cache(self, out_dir, maxcount=1000) -> list:
+        """One pass over `webdataset_path` (no shuffling, no caption dropout, every sample) through the frozen
+        encoders into shards under `out_dir`; point `cached_webdataset_path` at them. Returns the shard paths."""
+        from core.data import build_dataloader, cache_to_shards
+        cfg = self.config
+        models = self.setup_models(self.setup_extras_pre())
+        loader = build_dataloader(
+            cfg.webdataset_path, cfg.micro_batch_size(1), image_size=cfg.image_size,
+            multi_aspect_ratio=cfg.multi_aspect_ratio, captions_getter=cfg.captions_getter,
+            dataset_filters=cfg.dataset_filters, crop=cfg.crop, shuffle_buffer=0, drop_last=False,
+            num_workers=cfg.num_workers, seed=cfg.seed)
+        os.makedirs(out_dir, exist_ok=True)
+        return cache_to_shards(loader.iter_epoch(), lambda batch: self.cache_tensors(batch, models),
+                               os.path.join(out_dir, "shard-%06d.tar"), maxcount)
 
 
 class TrainingCore(DataCore):
@@ -167,16 +214,22 @@ class TrainingCore(DataCore):
         sampling = {**self.SAMPLING_DEFAULTS, **(self.config.sampling_configs or {})}
         return self.Extras(gdf=gdf, sampling_configs=sampling)
 
-    def load_frozen(self, kind: str, path: Optional[str]) -> nn.Module:
-        """A frozen helper model (encoder, previewer) from its checkpoint; random only for the tiny configs."""
-        from core.weights import load_model
+    def load_frozen(self, kind: str, path: Optional[str], fresh_ok: bool = False) -> nn.Module:
+        """A frozen helper model (encoder, previewer) from its checkpoint, as the kind the file records (e.g. the
+        demo's 'effnet_lite0' where an EfficientNet is asked for); without a file a new one, for the tiny configs
+        (random) or when `fresh_ok` (a model that trains here, e.g. an encoder's mapper)."""
+        from core.weights import load_model, read_metadata
         preset = TINY if self.config.model_version == TINY else None
         if path is None:
-            if self.config.model_version != TINY:
+            if self.config.model_version != TINY and not fresh_ok:
                 raise ConfigError(f"no checkpoint for the {kind} model: set its *_checkpoint_path")
-            model = build_model(kind, preset)
+            model = build_model(kind, preset if kind in PRESETS_WITH_TINY else None)
         else:
-            model = load_model(path, kind=kind, preset=preset, dtype=self.dtype())
+            recorded = read_metadata(path).get("kind")
+            if recorded and recorded != kind:
+                model = load_model(path, dtype=self.dtype())
+            else:
+                model = load_model(path, kind=kind, preset=preset, dtype=self.dtype())
         return model.to(self.device, self.dtype()).eval().requires_grad_(False)
 
     def setup_generator(self, kind: str) -> tuple:
@@ -256,5 +309,13 @@ def main(core_class, argv=None):
     parser = argparse.ArgumentParser(description=core_class.__doc__)
     parser.add_argument("config", help="training config (.yaml/.yml/.json)")
     parser.add_argument("overrides", nargs="*", help="key=value settings that replace the config's")
+    parser.add_argument("--write-cache", metavar="DIR", help="instead of training, run the frozen encoders once over "
+                        "webdataset_path and write their outputs as shards to DIR (then train with "
+                        "cached_webdataset_path=DIR)")
     args = parser.parse_args(argv)
-    core_class(config_file_path=args.config, overrides=args.overrides)()
+    core = core_class(config_file_path=args.config, overrides=args.overrides)
+    if args.write_cache:
+        paths = core.write_cache(args.write_cache)
+        print(f"wrote {len(paths)} cache shard(s) to {args.write_cache}")
+        return
+    core()

@@ -7,7 +7,7 @@ Training noise is pyramid noise (SPEC §5).
 import dataclasses
 import os
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from core.conditioning import effnet_preprocess  # noqa: E402
-from core.config import EXPECTED  # noqa: E402
+from core.config import EXPECTED, ConfigError  # noqa: E402
 from modules.gdf.noise import randn  # noqa: E402
 from train.base import TrainingCore, main  # noqa: E402
 
@@ -51,6 +51,12 @@ class WurstCoreB(TrainingCore):
         effnet_checkpoint_path: Optional[str] = EXPECTED
         stage_a_checkpoint_path: Optional[str] = EXPECTED
         effnet_dropout: float = 0.1  # share of training samples whose EfficientNet condition is zeroed
+        # The encoder built when effnet_checkpoint_path is null: a modules.presets kind ('effnet', or the demo's
+        # 'effnet_lite0', whose pretrained backbone comes from its package)
+        effnet_model: str = "effnet"
+        # Train the encoder's mapper (1×1 conv + BatchNorm onto the latent channels) with Stage B, as Würstchen
+        # trained its EfficientNet latent space; the backbone stays frozen. The mapper is saved as `effnet`.
+        train_effnet_mapper: bool = False
         effnet_scale_range: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.0])
 
         IGNORED = {"shift": "Stage B trains at shift 1; upstream required this key but never used it"}
@@ -60,15 +66,30 @@ class WurstCoreB(TrainingCore):
         effnet: nn.Module = None
         stage_a: nn.Module = None
 
+    @dataclasses.dataclass
+    class Optimizers(TrainingCore.Optimizers):
+        effnet: Any = None  # with train_effnet_mapper
+
+    @dataclasses.dataclass
+    class Schedulers(TrainingCore.Schedulers):
+        effnet: Any = None
+
     def setup_models(self, extras, skip_clip=False):
         """`skip_clip` (upstream's notebook habit): leave the text encoder out, to share Stage C's."""
         cfg = self.config
-        effnet = self.load_frozen("effnet", cfg.effnet_checkpoint_path)
+        if cfg.train_effnet_mapper and self.env.is_distributed:
+            raise ConfigError("train_effnet_mapper runs in one process (the mapper is not synchronised across ranks)")
+        effnet = self.load_frozen(cfg.effnet_model, cfg.effnet_checkpoint_path, fresh_ok=cfg.train_effnet_mapper)
+        if cfg.train_effnet_mapper and cfg.training:
+            effnet.mapper.requires_grad_(True)
         stage_a = self.load_frozen("stage_a", cfg.stage_a_checkpoint_path)
         generator, generator_ema = self.setup_generator("stage_b")
         tokenizer, text_model = (None, None) if skip_clip else self.setup_text_model()
         return self.Models(effnet=effnet, stage_a=stage_a, generator=generator, generator_ema=generator_ema,
                            tokenizer=tokenizer, text_model=text_model)
+
+    def trained_models(self):
+        return ["generator", "effnet"] if self.config.train_effnet_mapper else ["generator"]
 
     def get_conditions(self, batch, models, extras, is_eval=False, is_unconditional=False, eval_image_embeds=False,
                        generators=None):
@@ -88,8 +109,12 @@ class WurstCoreB(TrainingCore):
             size = [max(EFFNET_STRIDE, int(s * factor) // EFFNET_STRIDE * EFFNET_STRIDE) for s in images.shape[-2:]]
             images = F.interpolate(images, size=size, mode="nearest")
             keep = torch.cat([torch.rand(1, generator=g) >= self.config.effnet_dropout for g in generators])
-        effnet = models.effnet(effnet_preprocess(images))
-        return {"effnet": effnet * keep.to(effnet)[:, None, None, None], "clip": clip}
+        if self.config.train_effnet_mapper:  # the loop puts trained models in train mode: the backbone stays frozen
+            models.effnet.backbone.eval()
+        with torch.set_grad_enabled(self.config.train_effnet_mapper and not is_eval):
+            effnet = models.effnet(effnet_preprocess(images))
+            effnet = effnet * keep.to(effnet)[:, None, None, None]
+        return {"effnet": effnet, "clip": clip}
 
     def encode_latents(self, batch, models, extras):
         return models.stage_a.encode(batch["images"].to(self.device, self.dtype()))[0]

@@ -17,6 +17,7 @@ from torch import nn  # noqa: E402
 
 from core.conditioning import (effnet_preprocess, encode_clip_image, load_vision_encoder,  # noqa: E402
                                random_vision_encoder, tiny_vision_config)
+from core import distributed  # noqa: E402
 from core.config import EXPECTED  # noqa: E402
 from modules.presets import TINY_CLIP_IMAGE_DIM  # noqa: E402
 from train.base import TINY, TrainingCore, main  # noqa: E402
@@ -40,10 +41,14 @@ class WurstCoreC(TrainingCore):
         previewer: nn.Module = None
         image_model: nn.Module = None
 
+    CACHED_TENSORS = ("latents", "clip_text", "clip_text_pooled", "clip_img")
+
     def setup_models(self, extras):
         cfg = self.config
         effnet = self.load_frozen("effnet", cfg.effnet_checkpoint_path)
-        previewer = self.load_frozen("previewer", cfg.previewer_checkpoint_path)
+        previewer = None  # without one (the demo model has none) sample grids are skipped
+        if cfg.previewer_checkpoint_path is not None or cfg.model_version == TINY:
+            previewer = self.load_frozen("previewer", cfg.previewer_checkpoint_path)
         generator, generator_ema = self.setup_generator("stage_c")
         tokenizer, text_model = self.setup_text_model()
         return self.Models(effnet=effnet, previewer=previewer, generator=generator, generator_ema=generator_ema,
@@ -60,25 +65,45 @@ class WurstCoreC(TrainingCore):
                        generators=None):
         """clip_text, clip_text_pooled (captions; "" when unconditional) and clip_img: the CLIP image embedding
         for `clip_image_p` of the training samples, at evaluation only with `eval_image_embeds`; else zeros."""
-        conditions = self.text_conditions(batch, models, is_unconditional)
+        conditions = self.text_conditions(batch, models, is_unconditional, None if is_eval else generators)
         n = len(batch["captions"])
-        clip_img = torch.zeros(n, 1, models.image_model.config.projection_dim, device=self.device)
+        width = distributed.unwrap(models.generator).clip_img_mapper.in_features
+        clip_img = torch.zeros(n, 1, width, device=self.device)
+        have = "images" in batch or "clip_img" in batch
         if is_eval:
-            use = torch.full((n,), eval_image_embeds and not is_unconditional and "images" in batch)
+            use = torch.full((n,), eval_image_embeds and not is_unconditional and have)
         else:
             use = torch.cat([torch.rand(1, generator=g) < self.config.clip_image_p for g in generators])
         if use.any():
-            images = batch["images"][use].to(self.device)
-            clip_img[use.to(self.device)] = encode_clip_image(models.image_model, images).float()
+            if "clip_img" in batch:  # cached
+                clip_img[use.to(self.device)] = batch["clip_img"][use].to(self.device, clip_img.dtype)
+            else:
+                images = batch["images"][use].to(self.device)
+                clip_img[use.to(self.device)] = encode_clip_image(models.image_model, images).float()
         conditions["clip_img"] = clip_img
         return conditions
 
+    def cache_tensors(self, batch, models):
+        """EfficientNet latents, text conditions and image embedding of every sample."""
+        images = batch["images"].to(self.device, self.dtype())
+        return {"latents": self.encode_latents(batch, models, None),
+                **self.text_conditions(batch, models),
+                "clip_img": encode_clip_image(models.image_model, images).float()}
+
     def encode_latents(self, batch, models, extras):
+        if "latents" in batch:  # cached
+            return batch["latents"].to(self.device, self.dtype())
         images = batch["images"].to(self.device, self.dtype())
         return models.effnet(effnet_preprocess(images))
 
     def decode_latents(self, latents, batch, models, extras):
         return models.previewer(latents.to(self.dtype()))
+
+    def sample(self, batch, extras, models):
+        """Previewer images of the sample grid (none without a previewer or, cached, without images to show)."""
+        if models.previewer is None or "images" not in batch:
+            return None
+        return super().sample(batch, extras, models)
 
 
 if __name__ == "__main__":

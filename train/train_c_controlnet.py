@@ -85,7 +85,7 @@ class ControlNetCore(WurstCoreC):
         controlnet_blocks: list[int] = EXPECTED  # Stage C ResBlocks (execution order) that receive residuals
         controlnet_filter: str = EXPECTED  # a modules.controlnet_filters class, e.g. CannyFilter
         controlnet_filter_params: Optional[dict] = None  # the filter's keyword arguments
-        controlnet_bottleneck_mode: Optional[Literal["effnet", "simple", "large"]] = None  # None: effnet
+        controlnet_bottleneck_mode: Optional[Literal["effnet", "simple", "large", "conv"]] = None  # None: effnet
         controlnet_checkpoint_path: Optional[str] = None  # ControlNet weights to start from
         offset_noise: Optional[float] = None  # per-channel offset noise (upstream: 0.1 for inpainting and SR)
 
@@ -164,6 +164,8 @@ class ControlNetCore(WurstCoreC):
     def sample(self, batch, extras, models):
         """Stage C's sample grid with the control input (as a picture) as its second row."""
         grid = super().sample(batch, extras, models)
+        if grid is None:
+            return None
         n = min(len(batch["captions"]), self.config.sample_batch_size)
         images = batch["images"][:n].to(self.device)
         with torch.random.fork_rng(devices=[]):

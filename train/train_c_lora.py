@@ -89,7 +89,7 @@ class LoraCore(WurstCoreC):
             details = "; ".join(line.strip() for line in str(e).splitlines()[1:])
             raise ConfigError(f"{path} does not fit this module_filters and rank: {details}") from None
 
-    def text_conditions(self, batch, models, is_unconditional=False):
+    def text_conditions(self, batch, models, is_unconditional=False, generators=None):
         """Stage C's text conditions, with gradients while training: the token deltas learn through the frozen text
         encoder."""
         captions = [""] * len(batch["captions"]) if is_unconditional else batch["captions"]

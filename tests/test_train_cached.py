@@ -1,0 +1,90 @@
+"""Training from cached encoder outputs (`--write-cache`, `cached_webdataset_path`) and Stage B training the
+EfficientNet mapper: what the demo model's build relies on."""
+import os
+import subprocess
+import sys
+
+import torch
+
+from core.conditioning import encode_text
+from core.data import build_cached_dataloader, build_dataloader
+from core.weights import load_model, load_state_dict_file
+from tests.test_train_stages import ROOT, TINY_B, TINY_C, assets, settings  # noqa: F401 (fixture)
+from train import WurstCoreB, WurstCoreC
+
+
+def _first(loader):
+    return next(iter(loader.iter_epoch()))
+
+
+def test_cached_batches_train_exactly_like_image_batches(assets, tmp_path):  # noqa: F811
+    overrides = settings(assets, tmp_path, caption_dropout=0.0, clip_image_p=0.5, batch_size=8)
+    core = WurstCoreC(config_file_path=TINY_C, overrides=overrides)
+    shards = core.write_cache(str(tmp_path / "cache"))
+    assert len(shards) == 1
+    torch.manual_seed(0)
+    extras = core.setup_extras_pre()
+    models = core.setup_models(extras)
+    cached = _first(build_cached_dataloader(shards, 8, tensors=core.CACHED_TENSORS, shuffle_buffer=0,
+                                            drop_last=False, num_workers=0))
+    by_key = {}  # every sample of the image shards, to put together the same batch from images
+    for batch in build_dataloader(assets.data, 8, image_size=64, shuffle_buffer=0, drop_last=False,
+                                  num_workers=0).iter_epoch():
+        by_key.update({k: (image, caption) for k, image, caption in zip(batch["keys"], batch["images"],
+                                                                         batch["captions"])})
+    assert len(by_key) == 32
+    images = {"keys": cached["keys"], "images": torch.stack([by_key[k][0] for k in cached["keys"]]),
+              "captions": [by_key[k][1] for k in cached["keys"]]}
+    assert cached["captions"] == images["captions"]
+    assert "images" not in cached
+    # the cache holds what the encoders make of these images ...
+    torch.testing.assert_close(cached["latents"], core.encode_latents(images, models, extras))
+    text = encode_text(models.text_model, models.tokenizer, images["captions"])
+    torch.testing.assert_close(cached["clip_text"], text["clip_text"])
+    # ... so a training step gives the same per-sample losses from either batch (same noise, t and clip_img draws)
+    losses = []
+    for batch in (images, cached):
+        core.info.iter = 7
+        with torch.no_grad():
+            losses.append(core.forward_pass(batch, extras, models)[0])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+def test_cached_caption_dropout_gives_the_empty_caption_embedding(assets, tmp_path):  # noqa: F811
+    core = WurstCoreC(config_file_path=TINY_C, overrides=settings(assets, tmp_path, caption_dropout=1.0,
+                                                                  batch_size=8))
+    shards = core.write_cache(str(tmp_path / "cache"))
+    models = core.setup_models(core.setup_extras_pre())
+    batch = _first(build_cached_dataloader(shards, 8, tensors=core.CACHED_TENSORS, shuffle_buffer=0,
+                                           num_workers=0))
+    conditions = core.text_conditions(batch, models, generators=core.sample_generators(8))
+    empty = encode_text(models.text_model, models.tokenizer, [""] * 8)
+    for name in ("clip_text", "clip_text_pooled"):
+        torch.testing.assert_close(conditions[name], empty[name])
+    # without generators (evaluation) nothing is dropped
+    kept = core.text_conditions(batch, models)
+    torch.testing.assert_close(kept["clip_text"], batch["clip_text"])
+
+
+def test_training_from_the_cache_runs_from_the_command_line(assets, tmp_path):  # noqa: F811
+    cache = tmp_path / "cache"
+    common = settings(assets, tmp_path, updates=4, save_every=4, batch_size=8)
+    script = os.path.join(ROOT, "train", "train_c.py")
+    subprocess.run([sys.executable, script, TINY_C, *common, "--write-cache", str(cache)], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, script, TINY_C, *common, f"cached_webdataset_path={cache}/shard-000000.tar"],
+                   check=True, cwd=ROOT)
+    weights = load_state_dict_file(tmp_path / "ck" / "tiny_c" / "step_00000004" / "generator.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_stage_b_trains_the_effnet_mapper_and_saves_it(assets, tmp_path):  # noqa: F811
+    overrides = settings(assets, tmp_path, updates=3, save_every=3, lr=1e-2, train_effnet_mapper="true",
+                         effnet_dropout=0.0)
+    WurstCoreB(config_file_path=TINY_B, overrides=overrides)()
+    before = load_model(assets.effnet)
+    after = load_model(tmp_path / "ck" / "tiny_b" / "step_00000003" / "effnet.safetensors")
+    old, new = before.state_dict(), after.state_dict()
+    assert not torch.equal(old["mapper.0.weight"], new["mapper.0.weight"])  # the mapper learned
+    assert not torch.equal(old["mapper.1.running_mean"], new["mapper.1.running_mean"])  # its BatchNorm too
+    frozen = [k for k in old if k.startswith("backbone.")]
+    assert frozen and all(torch.equal(old[k], new[k]) for k in frozen)  # the backbone did not move
