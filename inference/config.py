@@ -1,7 +1,8 @@
 """Inference configs: upstream's per-stage YAML files, combined by a small pipeline YAML.
 
 A pipeline file names a Stage C and a Stage B config (a path to an upstream-style file, or the same keys
-inline) and where the CLIP encoders live. Unknown keys are errors that name the key.
+inline) and where the CLIP encoders live, or names packaged encoders instead (`text_encoder_path: minilm`,
+`image_encoder_path: effnet_lite0`, the demo model's). Unknown keys are errors that name the key.
 """
 import dataclasses
 import os
@@ -97,7 +98,8 @@ def load_pipeline_config(path_or_dict, overrides=None):
 
 
 def weights_present(cfg: PipelineConfig):
-    """True when every file the config names is on disk (or it asks for random weights)."""
+    """True when every file the config names is on disk, named encoders installed (or it asks for random weights)."""
+    from core.conditioning import named_encoder_present
     files = [cfg.text_encoder_path, cfg.stage_c.generator_checkpoint_path, cfg.stage_c.effnet_checkpoint_path,
              cfg.stage_b.generator_checkpoint_path, cfg.stage_b.stage_a_checkpoint_path]
-    return cfg.random_weights or all(f and os.path.exists(f) for f in files)
+    return cfg.random_weights or all(f and (named_encoder_present(f) or os.path.exists(f)) for f in files)

@@ -57,6 +57,12 @@ def _break_zero_init(model, std=0.02):
     return model
 
 
+def _effnet_kind(path):
+    """The encoder kind the file records (the demo's 'effnet_lite0', say); the released file records none."""
+    from core.weights import read_metadata
+    return (read_metadata(path).get("kind") if path else None) or "effnet"
+
+
 def _preset(kind, version):
     """Upstream names Stage C '3.6B'/'3B' interchangeably in places; presets use the released sizes."""
     if kind == "stage_c" and version == "3B":
@@ -76,7 +82,9 @@ def load_pipeline(config, device=None, dtype=None, offload=False, seed=0):
         c, b = cfg.stage_c, cfg.stage_b
         stage_c = _model("stage_c", _preset("stage_c", c.model_version), c.generator_checkpoint_path, rnd, dtype,
                          "Stage C generator")
-        effnet = _model("effnet", aux, c.effnet_checkpoint_path or b.effnet_checkpoint_path, rnd, dtype,
+        effnet_path = c.effnet_checkpoint_path or b.effnet_checkpoint_path
+        effnet_kind = _effnet_kind(effnet_path)
+        effnet = _model(effnet_kind, aux if effnet_kind == "effnet" else None, effnet_path, rnd, dtype,
                         "EfficientNet encoder")
         previewer = None
         if c.previewer_checkpoint_path or rnd:
