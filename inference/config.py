@@ -41,6 +41,8 @@ class PipelineConfig:
     tokenizer_path: Optional[str] = None  # default: the text encoder's folder, else open_clip's vocabulary
     # Random weights made on the fly (tiny CLIP encoders, models without checkpoints): for tests and demos only.
     random_weights: bool = False
+    # The side the CLI and the app default to: upstream's 1024 when unset; the demo model draws 128² scenes.
+    image_size: Optional[int] = None
     source: str = field(default="<dict>", repr=False)
 
 
@@ -103,3 +105,9 @@ def weights_present(cfg: PipelineConfig):
     files = [cfg.text_encoder_path, cfg.stage_c.generator_checkpoint_path, cfg.stage_c.effnet_checkpoint_path,
              cfg.stage_b.generator_checkpoint_path, cfg.stage_b.stage_a_checkpoint_path]
     return cfg.random_weights or all(f and (named_encoder_present(f) or os.path.exists(f)) for f in files)
+
+
+def default_image_size(path_or_config) -> int:
+    """The square side a pipeline config generates by default (its `image_size`, else 1024)."""
+    cfg = path_or_config if isinstance(path_or_config, PipelineConfig) else load_pipeline_config(path_or_config)
+    return cfg.image_size or 1024

@@ -47,8 +47,8 @@ def build_parser():
                    help=f"text prompt; repeat --prompt for several (default: '{DEFAULT_PROMPT}')")
     p.add_argument("--negative-prompt", default="", help="text for the unconditional branch (both stages)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--height", type=int, default=None, help="output height in pixels (default 1024; 256 for tiny)")
-    p.add_argument("--width", type=int, default=None, help="output width in pixels (default 1024; 256 for tiny)")
+    p.add_argument("--height", type=int, default=None, help="output height in pixels (default: the config's image_size, else 1024)")
+    p.add_argument("--width", type=int, default=None, help="output width in pixels (default: the config's image_size, else 1024)")
     p.add_argument("--seed", type=int, default=None, help="seed of image 0; image i uses seed+i (random if unset)")
     p.add_argument("--steps-c", type=int, default=20, help="Stage C sampling steps")
     p.add_argument("--cfg-c", type=float, default=4.0, help="Stage C classifier-free guidance scale")
@@ -117,12 +117,12 @@ def _progress(quiet):
 def run(pipe, args, callback=None, preview_every=0):
     """Parsed CLI settings → one pipeline call: (CascadeOutput, prompt of each image). The Gradio app calls this too,
     so the same settings and seed give the same pixels in both."""
+    from inference.config import default_image_size
     from inference.pipeline import StageSampling
     from inference.utils import load_image
     prompts = args.prompts or [DEFAULT_PROMPT]
-    tiny = "tiny" in os.path.basename(args.config)
-    height = args.height or (256 if tiny else 1024)
-    width = args.width or (256 if tiny else 1024)
+    side = default_image_size(args.config)
+    height, width = args.height or side, args.width or side
     control = {}
     if args.controlnet or args.control_image or args.mask or args.outpaint:
         if not (args.controlnet and args.control_image):

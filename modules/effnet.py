@@ -18,5 +18,8 @@ class EfficientNetEncoder(nn.Module):
             nn.BatchNorm2d(c_latent, affine=False),  # standardises the latents Stage C learns to generate
         )
 
+    def features(self, x):  # B, 3, H, W → B, 1280, H/32, W/32: what the mapper maps (cached when it trains)
+        return self.backbone(x)
+
     def forward(self, x):  # B, 3, H, W → B, c_latent, H/32, W/32
-        return self.mapper(self.backbone(x))
+        return self.mapper(self.features(x))

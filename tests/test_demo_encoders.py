@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import yaml
 from skimage import data as photos
 
-from core.conditioning import (LITE0_EMBED_DIM, MINILM_DIM, build_tokenizer, effnet_preprocess, encode_clip_image,
+from core.conditioning import (BERT_MAX_TOKENS, LITE0_EMBED_DIM, MINILM_DIM, build_tokenizer, effnet_preprocess, encode_clip_image,
                                encode_text, load_text_encoder, load_vision_encoder, resize_center_crop)
 from core.weights import CheckpointError, load_model, load_state_dict_file, save_model, save_state_dict_file
 from modules.effnet_lite import LITE_MEAN, LITE_STD, EfficientNetLite0Encoder, package_weights
@@ -138,7 +138,7 @@ def test_minilm_conditions_equal_sentence_transformers(minilm):
     assert isinstance(model, BertModel) and not model.training and not any(p.requires_grad for p in model.parameters())
     captions = ["a red circle above a blue square", "", "three small green triangles on a white background"]
     cond = encode_text(model, tokenizer, captions)
-    assert cond["clip_text"].shape == (3, 77, MINILM_DIM) and cond["clip_text_pooled"].shape == (3, 1, MINILM_DIM)
+    assert cond["clip_text"].shape == (3, BERT_MAX_TOKENS, MINILM_DIM) and cond["clip_text_pooled"].shape == (3, 1, MINILM_DIM)
     st = SentenceTransformer(str(get_model_path()), device="cpu")
     pooled = st.encode(captions, convert_to_tensor=True)
     torch.testing.assert_close(cond["clip_text_pooled"][:, 0], pooled, rtol=0, atol=1e-5)

@@ -88,3 +88,39 @@ def test_stage_b_trains_the_effnet_mapper_and_saves_it(assets, tmp_path):  # noq
     assert not torch.equal(old["mapper.1.running_mean"], new["mapper.1.running_mean"])  # its BatchNorm too
     frozen = [k for k in old if k.startswith("backbone.")]
     assert frozen and all(torch.equal(old[k], new[k]) for k in frozen)  # the backbone did not move
+
+
+def test_stage_b_cached_features_train_exactly_like_image_batches(assets, tmp_path):  # noqa: F811
+    """With a training mapper the cache holds the backbone's features (fp16); the mapper runs on them each step."""
+    overrides = settings(assets, tmp_path, caption_dropout=0.0, batch_size=8, train_effnet_mapper="true",
+                         effnet_scale_range="[0.5, 0.5]")
+    core = WurstCoreB(config_file_path=TINY_B, overrides=overrides)
+    shards = core.write_cache(str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    extras = core.setup_extras_pre()
+    models = core.setup_models(extras)
+    with torch.no_grad():  # a fresh Stage B's zero output layer would pass no gradient to the mapper
+        for p in models.generator.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    cached = _first(build_cached_dataloader(shards, 8, tensors=core.CACHED_TENSORS, shuffle_buffer=0,
+                                            drop_last=False, num_workers=0))
+    assert cached["effnet_features"].dtype == torch.float16 and cached["effnet_features"].shape[1] == 1280
+    by_key = {}
+    for batch in build_dataloader(assets.data, 8, image_size=64, shuffle_buffer=0, drop_last=False,
+                                  num_workers=0).iter_epoch():
+        by_key.update({k: (image, caption) for k, image, caption in zip(batch["keys"], batch["images"],
+                                                                         batch["captions"])})
+    images = {"keys": cached["keys"], "images": torch.stack([by_key[k][0] for k in cached["keys"]]),
+              "captions": [by_key[k][1] for k in cached["keys"]]}
+    losses = []
+    for batch in (images, cached):
+        core.info.iter = 3
+        models.effnet.mapper.zero_grad()
+        losses.append(core.forward_pass(batch, extras, models)[1])
+        losses[-1].backward()
+        losses.append(models.effnet.mapper[0].weight.grad.clone())  # the mapper learns the same from both
+    # fp16 features: equal to about 1e-3 relative
+    torch.testing.assert_close(losses[2], losses[0], rtol=2e-3, atol=1e-5)
+    assert losses[1].abs().sum() > 0
+    torch.testing.assert_close(losses[3], losses[1], rtol=2e-2, atol=1e-6)

@@ -112,14 +112,14 @@ class DataCore(WarpCore):
         captions = batch["captions"]
         if is_unconditional:
             captions = [""] * len(captions)
-        elif "clip_text" in batch:
-            cond = {k: batch[k].to(self.device) for k in ("clip_text", "clip_text_pooled")}
+        elif "clip_text_pooled" in batch:  # cached (Stage B caches the pooled embedding only)
+            cond = {k: batch[k].to(self.device) for k in ("clip_text", "clip_text_pooled") if k in batch}
             if generators is not None and self.config.caption_dropout > 0:
                 drop = torch.cat([torch.rand(1, generator=g) < self.config.caption_dropout for g in generators])
                 if drop.any():
                     empty = encode_text(models.text_model, models.tokenizer, [""], device=self.device)
                     for k, v in cond.items():
-                        v[drop.to(v.device)] = empty[k].to(v.dtype)
+                        v[drop.to(v.device)] = empty[k].to(v.dtype).squeeze(0)
             return cond
         return encode_text(models.text_model, models.tokenizer, captions, device=self.device)
 
@@ -300,8 +300,11 @@ class TrainingCore(DataCore):
                                                         device=self.device, **extras.sampling_configs)
                 rows.append(sampled)
         rows = [self.decode_latents(r, batch, models, extras).float().cpu() for r in rows]
-        images = F.interpolate(batch["images"].float(), size=rows[0].shape[-2:], mode="bicubic", align_corners=False)
-        return torch.cat([torch.cat(list(row), dim=-1) for row in [images.clamp(0, 1), *rows]], dim=-2)
+        if "images" in batch:  # a cached batch has none
+            images = F.interpolate(batch["images"].float(), size=rows[0].shape[-2:], mode="bicubic",
+                                   align_corners=False)
+            rows.insert(0, images.clamp(0, 1))
+        return torch.cat([torch.cat(list(row), dim=-1) for row in rows], dim=-2)
 
 
 def main(core_class, argv=None):

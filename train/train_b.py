@@ -88,6 +88,32 @@ class WurstCoreB(TrainingCore):
         return self.Models(effnet=effnet, stage_a=stage_a, generator=generator, generator_ema=generator_ema,
                            tokenizer=tokenizer, text_model=text_model)
 
+    @property
+    def CACHED_TENSORS(self):  # noqa: N802 (the base class's name); a trained mapper needs the backbone's features
+        effnet = "effnet_features" if self.config.train_effnet_mapper else "effnet"
+        return ("latents", effnet, "clip_text_pooled")
+
+    def cache_tensors(self, batch, models):
+        """Stage A latents, the EfficientNet's input at the one scale of `effnet_scale_range` (its backbone features
+        in fp16 when the mapper trains, else its latents) and the pooled text embedding."""
+        low, high = self.config.effnet_scale_range
+        if low != high:
+            raise ConfigError(f"a cache holds one EfficientNet scale: set effnet_scale_range to [s, s], not {[low, high]}")
+        images = batch["images"].to(self.device, self.dtype())
+        x = effnet_preprocess(self._effnet_images(images, low))
+        if self.config.train_effnet_mapper:
+            effnet = {"effnet_features": models.effnet.features(x).half()}
+        else:
+            effnet = {"effnet": models.effnet(x)}
+        return {"latents": self.encode_latents(batch, models, None), **effnet,
+                "clip_text_pooled": self.text_conditions(batch, models)["clip_text_pooled"]}
+
+    @staticmethod
+    def _effnet_images(images, factor):
+        """Images rescaled (nearest) by `factor` to a multiple of the EfficientNet's stride."""
+        size = [max(EFFNET_STRIDE, int(s * factor) // EFFNET_STRIDE * EFFNET_STRIDE) for s in images.shape[-2:]]
+        return F.interpolate(images, size=size, mode="nearest")
+
     def trained_models(self):
         return ["generator", "effnet"] if self.config.train_effnet_mapper else ["generator"]
 
@@ -96,27 +122,37 @@ class WurstCoreB(TrainingCore):
         """effnet: EfficientNet latents of the image (training: downscaled with NEAREST by one U(scale range)
         factor per batch to a multiple of 32, zeroed for `effnet_dropout` of the samples; evaluation: full size,
         zeros when unconditional); clip: the pooled text embedding."""
-        clip = self.text_conditions(batch, models, is_unconditional)["clip_text_pooled"]
-        if "images" not in batch:
+        clip = self.text_conditions(batch, models, is_unconditional,
+                                    None if is_eval else generators)["clip_text_pooled"]
+        cached = next((k for k in ("effnet_features", "effnet") if k in batch), None)
+        if "images" not in batch and cached is None:
             return {"effnet": None, "clip": clip}
-        images = batch["images"].to(self.device, self.dtype())
-        keep = torch.ones(len(images), dtype=torch.bool)
+        n = len(batch["captions"])
+        keep = torch.ones(n, dtype=torch.bool)
         if is_eval:
             keep[:] = not is_unconditional
         else:
             low, high = self.config.effnet_scale_range
             factor = low + (high - low) * torch.rand(1, generator=generators[0]).item()
-            size = [max(EFFNET_STRIDE, int(s * factor) // EFFNET_STRIDE * EFFNET_STRIDE) for s in images.shape[-2:]]
-            images = F.interpolate(images, size=size, mode="nearest")
             keep = torch.cat([torch.rand(1, generator=g) >= self.config.effnet_dropout for g in generators])
         if self.config.train_effnet_mapper:  # the loop puts trained models in train mode: the backbone stays frozen
             models.effnet.backbone.eval()
         with torch.set_grad_enabled(self.config.train_effnet_mapper and not is_eval):
-            effnet = models.effnet(effnet_preprocess(images))
+            if cached == "effnet_features":
+                effnet = models.effnet.mapper(batch[cached].to(self.device, self.dtype()))
+            elif cached == "effnet":
+                effnet = batch[cached].to(self.device, self.dtype())
+            else:
+                images = batch["images"].to(self.device, self.dtype())
+                if not is_eval:
+                    images = self._effnet_images(images, factor)
+                effnet = models.effnet(effnet_preprocess(images))
             effnet = effnet * keep.to(effnet)[:, None, None, None]
         return {"effnet": effnet, "clip": clip}
 
     def encode_latents(self, batch, models, extras):
+        if "latents" in batch:  # cached
+            return batch["latents"].to(self.device, self.dtype())
         return models.stage_a.encode(batch["images"].to(self.device, self.dtype()))[0]
 
     def decode_latents(self, latents, batch, models, extras):
