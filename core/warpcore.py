@@ -5,7 +5,7 @@ schedulers, extras (post); then the latest checkpoint is restored and the loop r
 accumulation (no gradient sync but on the last micro-batch), clipping, AdamW with warm-up, EMA, skipping of
 non-finite losses or gradients, checkpoints, sample grids and logs. Hooks a task fills: `setup_data`,
 `setup_models`, `forward_pass`, and optionally `setup_extras_pre/post`, `setup_optimizers`, `setup_schedulers`,
-`sample`, `trained_models`, `training_states`, `data_metrics`, `checkpoint_metadata`.
+`sample`, `trained_models`, `training_states`, `update_metrics`, `data_metrics`, `checkpoint_metadata`.
 """
 import dataclasses
 import json
@@ -157,7 +157,7 @@ class WarpCore:
             return self.Schedulers()
         return self.Schedulers(**{
             name: GradualWarmupScheduler(opt, multiplier=1, total_epoch=self.config.warmup_updates)
-            for name, opt in optimizers.to_dict().items()})
+            for name, opt in optimizers.to_dict().items() if opt is not None})
 
     def setup_extras_post(self, extras, models, optimizers, schedulers):
         return extras
@@ -182,6 +182,11 @@ class WarpCore:
         if hasattr(data.dataloader, "state_dict"):
             rank_states["data"] = data.dataloader
         return states, rank_states
+
+    def update_metrics(self) -> dict:
+        """The task's own measurements of the update just done (beyond the loss), to log with it; a task that
+        collects them in `forward_pass` averages them over micro-batches and processes here."""
+        return {}
 
     def data_metrics(self, data) -> dict:
         """Data-pipeline counters to log with each update."""
@@ -298,7 +303,8 @@ class WarpCore:
                 self.info.ema_loss = loss_value if self.info.ema_loss is None else \
                     self.info.ema_loss * 0.99 + loss_value * 0.01
             ema_loss = float("nan") if self.info.ema_loss is None else self.info.ema_loss
-            metrics = {"loss": loss_value, "ema_loss": ema_loss, **metrics, **self.data_metrics(data)}
+            metrics = {"loss": loss_value, "ema_loss": ema_loss, **metrics, **self.update_metrics(),
+                       **self.data_metrics(data)}
             self.logger.log(self.info.total_steps, metrics)
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{metrics['lr']:.2e}")
