@@ -124,3 +124,18 @@ def test_stage_b_cached_features_train_exactly_like_image_batches(assets, tmp_pa
     torch.testing.assert_close(losses[2], losses[0], rtol=2e-3, atol=1e-5)
     assert losses[1].abs().sum() > 0
     torch.testing.assert_close(losses[3], losses[1], rtol=2e-2, atol=1e-6)
+
+
+def test_stage_b_noise_is_pyramid_noise_unless_switched_off(assets, tmp_path):  # noqa: F811
+    from modules.gdf.noise import randn
+    from train.train_b import pyramid_noise
+    latents = torch.zeros(2, 4, 32, 32)
+
+    def generators():
+        return [torch.Generator().manual_seed(i) for i in range(2)]
+
+    for flag, expected in (("true", lambda: pyramid_noise(latents.shape, generators(), "cpu")),
+                           ("false", lambda: randn(latents.shape, generators(), "cpu", torch.float32))):
+        core = WurstCoreB(config_file_path=TINY_B, overrides=settings(assets, tmp_path, pyramid_noise=flag),
+                          training=False)
+        torch.testing.assert_close(core.noise(latents, generators()), expected(), rtol=0, atol=0)

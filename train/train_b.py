@@ -58,6 +58,10 @@ class WurstCoreB(TrainingCore):
         # trained its EfficientNet latent space; the backbone stays frozen. The mapper is saved as `effnet`.
         train_effnet_mapper: bool = False
         effnet_scale_range: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.0])
+        # Upstream's multi-resolution training noise. Its coarse levels are those of 1 to 16 latents a side: nearly
+        # nothing at 1024² (256² latents), but most of the noise at small sizes (the demo's 32² latents), where a
+        # sampler starting from white noise then leaves the training distribution and diverges: set false there.
+        pyramid_noise: bool = True
 
         IGNORED = {"shift": "Stage B trains at shift 1; upstream required this key but never used it"}
 
@@ -159,6 +163,8 @@ class WurstCoreB(TrainingCore):
         return models.stage_a.decode(latents.to(self.dtype())).float().clamp(0, 1)
 
     def noise(self, latents, generators):
+        if not self.config.pyramid_noise:
+            return super().noise(latents, generators)
         return pyramid_noise(latents.shape, generators, latents.device, dtype=latents.dtype)
 
 
