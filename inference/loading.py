@@ -37,10 +37,13 @@ def resolve_dtype(explicit, config: PipelineConfig, device):
 
 def _model(kind, preset, path, random_ok, dtype, what):
     """Loads `kind` from its checkpoint; without one, random weights only when the config allows it."""
-    from core.weights import load_model
+    from core.weights import load_model, read_metadata
     from modules.presets import build_model
     if path:
-        return load_model(path, kind=kind, preset=preset, dtype=dtype, device="cpu")
+        model = load_model(path, kind=kind, preset=preset, dtype=dtype, device="cpu")
+        # what a generator trained here predicts (train/base.py records it); released files: epsilon
+        model.gdf_target = read_metadata(path).get("gdf_target", "epsilon")
+        return model
     if not random_ok:
         raise PipelineError(f"no checkpoint path for the {what} in the config; download the weights with "
                             "'bash models/download_models.sh essential big-big bfloat16' and set the path")

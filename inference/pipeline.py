@@ -13,7 +13,7 @@ import torch
 from core.conditioning import (effnet_preprocess, encode_clip_image, encode_text)
 from inference.utils import calculate_latent_sizes, to_pil
 from modules.gdf import (GDF, CosineSchedule, CosineTNoiseCond, DDIMSampler, DDPMSampler, EpsilonTarget,
-                         LCMSampler, P2LossWeight, VPScaler)
+                         LCMSampler, P2LossWeight, VPScaler, VTarget, X0Target)
 
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "lcm": LCMSampler}
 MIN_SIDE, MAX_SIDE, SIZE_MULTIPLE = 128, 4096, 32
@@ -23,10 +23,16 @@ class PipelineError(ValueError):
     """Bad input to the pipeline; the message says what was wrong and what to pass instead."""
 
 
-def cascade_gdf():
-    """GDF exactly as every released stage is configured (SPEC §4)."""
+TARGETS = {"epsilon": EpsilonTarget, "v": VTarget, "x0": X0Target}
+
+
+def cascade_gdf(target="epsilon"):
+    """GDF exactly as every released stage is configured (SPEC §4); `target` is what the generator predicts (the
+    released stages: epsilon; a stage trained here records its `gdf_target` in its file)."""
+    if target not in TARGETS:
+        raise PipelineError(f"unknown gdf_target {target!r}: use one of {sorted(TARGETS)}")
     return GDF(schedule=CosineSchedule(clamp_range=[0.0001, 0.9999]), input_scaler=VPScaler(),
-               target=EpsilonTarget(), noise_cond=CosineTNoiseCond(), loss_weight=P2LossWeight())
+               target=TARGETS[target](), noise_cond=CosineTNoiseCond(), loss_weight=P2LossWeight())
 
 
 @dataclass
@@ -96,7 +102,9 @@ class StableCascadePipeline:
         self.loras = []  # inference.lora.LoadedLoRA, in the order they were applied
         self.vision_loader: Optional[Callable[[], torch.nn.Module]] = None
         self.device, self.dtype, self.offload = torch.device(device), dtype, offload
-        self.gdf_c, self.gdf_b = cascade_gdf(), cascade_gdf()
+        # each stage samples with the objective it was trained with (inference.loading sets `gdf_target`)
+        self.gdf_c = cascade_gdf(getattr(stage_c, "gdf_target", "epsilon"))
+        self.gdf_b = cascade_gdf(getattr(stage_b, "gdf_target", "epsilon"))
         for m in self._models():
             m.eval().requires_grad_(False)
             m.to("cpu" if offload else self.device)

@@ -275,7 +275,7 @@ def test_cli_writes_pngs_with_metadata(tmp_path):
     assert bad.returncode == 2 and "strength" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_without_config_the_cli_takes_the_downloaded_release_else_tiny(tmp_path, monkeypatch):
+def test_without_config_the_cli_takes_the_downloaded_release_else_the_demo_model(tmp_path, monkeypatch):
     import shutil
     from inference.generate import DEFAULT_CONFIG, default_config
     shutil.copytree(os.path.join(ROOT, "configs"), tmp_path / "configs")
@@ -287,3 +287,27 @@ def test_without_config_the_cli_takes_the_downloaded_release_else_tiny(tmp_path,
         (tmp_path / "models" / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "models" / f).write_bytes(b"x")
     assert default_config() == "configs/inference/small-small.yaml"
+
+
+def test_each_stage_samples_with_the_objective_its_file_records(tmp_path):
+    """A stage trained here records `gdf_target`; the released files record none and predict epsilon."""
+    from core.weights import save_model
+    from modules.gdf import EpsilonTarget, VTarget
+    from modules.presets import build_model
+    from train.base import TINY
+    paths = {}
+    for kind, target in (("stage_c", "v"), ("stage_b", None)):
+        paths[kind] = str(tmp_path / f"{kind}.safetensors")
+        save_model(build_model(kind, TINY), paths[kind], metadata={"gdf_target": target} if target else None)
+    config = {"random_weights": True, "text_encoder_path": None, "image_encoder_path": None,
+              "stage_c": {"model_version": TINY, "generator_checkpoint_path": paths["stage_c"]},
+              "stage_b": {"model_version": TINY, "generator_checkpoint_path": paths["stage_b"]}}
+    pipe = load_pipeline(config, device="cpu")
+    assert isinstance(pipe.gdf_c.target, VTarget) and isinstance(pipe.gdf_b.target, EpsilonTarget)
+    x = torch.randn(2, 16, 3, 3)
+    # v-prediction undone: the x0 the sampler would take from a model output of v equals a·x_t - b·v
+    logSNR = torch.full((2,), 0.5)
+    a, b = pipe.gdf_c.input_scaler(logSNR)
+    v = torch.randn_like(x)
+    x0 = pipe.gdf_c.undiffuse(x, logSNR, v)[0]
+    torch.testing.assert_close(x0, a.view(-1, 1, 1, 1) * x - b.view(-1, 1, 1, 1) * v)

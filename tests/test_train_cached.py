@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from core.conditioning import encode_text
@@ -139,3 +140,16 @@ def test_stage_b_noise_is_pyramid_noise_unless_switched_off(assets, tmp_path):  
         core = WurstCoreB(config_file_path=TINY_B, overrides=settings(assets, tmp_path, pyramid_noise=flag),
                           training=False)
         torch.testing.assert_close(core.noise(latents, generators()), expected(), rtol=0, atol=0)
+
+
+def test_loss_weight_is_chosen_by_config(assets, tmp_path):  # noqa: F811
+    from core.config import ConfigError
+    from modules.gdf import ConstantLossWeight, P2LossWeight, VTarget
+    core = WurstCoreB(config_file_path=TINY_B, training=False, overrides=settings(
+        assets, tmp_path, gdf_target="v", loss_weight="constant"))
+    gdf = core.setup_extras_pre().gdf
+    assert isinstance(gdf.loss_weight, ConstantLossWeight) and isinstance(gdf.target, VTarget)
+    core = WurstCoreB(config_file_path=TINY_B, training=False, overrides=settings(assets, tmp_path))
+    assert isinstance(core.setup_extras_pre().gdf.loss_weight, P2LossWeight)  # upstream's
+    with pytest.raises(ConfigError, match="loss_weight"):
+        WurstCoreB(config_file_path=TINY_B, training=False, overrides=settings(assets, tmp_path, loss_weight="p3"))

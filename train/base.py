@@ -15,8 +15,8 @@ from core.conditioning import build_tokenizer, encode_text, load_text_encoder, r
 from core.config import EXPECTED, EXPECTED_TRAIN, Config, ConfigError
 from core.warpcore import WarpCore
 from modules.common import AttnBlock, FeedForwardBlock, ResBlock, TimestepBlock
-from modules.gdf import (GDF, AdaptiveLossWeight, CosineSchedule, CosineTNoiseCond, EpsilonTarget, P2LossWeight,
-                         VPScaler, VTarget, X0Target)
+from modules.gdf import (GDF, AdaptiveLossWeight, ConstantLossWeight, CosineSchedule, CosineTNoiseCond,
+                         EpsilonTarget, P2LossWeight, VPScaler, VTarget, X0Target)
 from modules.gdf.noise import randn
 from modules.presets import PRESETS, TINY_CLIP_TEXT_DIM, TINY_CLIP_TEXT_POOLED_DIM, build_model
 
@@ -161,7 +161,10 @@ class TrainingCore(DataCore):
         model_version: str = EXPECTED  # a modules.presets name: '3.6B', '1B', '3B', '700M' or 'tiny'
         model_kwargs: Optional[dict] = None  # constructor overrides on top of the preset
         generator_checkpoint_path: Optional[str] = None  # weights to start from; None: random init
-        adaptive_loss_weight: Optional[bool] = None  # AdaptiveLossWeight instead of P2LossWeight
+        adaptive_loss_weight: Optional[bool] = None  # AdaptiveLossWeight instead of `loss_weight`
+        # P2 (upstream) weighs an epsilon objective's x0 errors by a², all but ignoring high noise, where the conditions
+        # matter most; with `gdf_target: v`, constant weights weigh x0 errors by 1/b²: every noise level counts.
+        loss_weight: Literal["p2", "constant"] = "p2"
         gdf_target: Literal["epsilon", "v", "x0"] = "epsilon"  # what the generator predicts
         sampling_configs: Optional[dict] = None  # overrides of the trainer's sampling settings for sample grids
         sample_batch_size: int = 4  # images per sample grid
@@ -209,7 +212,8 @@ class TrainingCore(DataCore):
             schedule=CosineSchedule(clamp_range=[0.0001, 0.9999]),
             input_scaler=VPScaler(), target=TARGETS[self.config.gdf_target](),
             noise_cond=CosineTNoiseCond(),
-            loss_weight=AdaptiveLossWeight() if self.config.adaptive_loss_weight else P2LossWeight(),
+            loss_weight=AdaptiveLossWeight() if self.config.adaptive_loss_weight else
+            ConstantLossWeight() if self.config.loss_weight == "constant" else P2LossWeight(),
         )
         sampling = {**self.SAMPLING_DEFAULTS, **(self.config.sampling_configs or {})}
         return self.Extras(gdf=gdf, sampling_configs=sampling)
