@@ -64,7 +64,8 @@ def test_model_list_starts_with_the_default_and_keeps_only_configs_with_weights(
     assert models == [app.DEFAULT_MODEL, str(tmp_path / "tiny2.yaml")]
     released = app.list_models()
     assert released[0] == app.DEFAULT_MODEL and all(m.endswith(".yaml") for m in released)
-    assert app.default_size("configs/inference/tiny.yaml") == 256 and app.default_size("big-big.yaml") == 1024
+    assert app.default_size("configs/inference/tiny.yaml") == 256  # the config's image_size
+    assert app.default_size("configs/inference/big-big.yaml") == 1024
 
 
 def test_lora_list_has_configs_whose_file_exists_and_lora_files(tmp_path):

@@ -1,0 +1,166 @@
+"""Score the demo cascade in models/demo with the scene detector and write eval.json and the model card.
+
+    python -m demo.evaluate_model [--config configs/inference/demo.yaml] [--n 300] [--out models/demo/eval.json]
+
+- held-out prompts (attribute triples never trained on): accuracy per attribute, 95% Wilson intervals, chance;
+- Stage A and Stages A+B as autoencoders: PSNR on held-out renders;
+- the Canny ControlNet: IoU of the dilated edge maps of the generated image and the control image;
+- the '[zorb]' LoRA: how often '[zorb]' prompts draw the zorb, and whether prompts without the token change;
+- seconds per image on this machine.
+"""
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+from demo.detector import detect
+from demo.evaluate import canny_edges, dilated_iou, lora_token_accuracy, proportion, psnr, score
+from demo.make_dataset import SPLIT_SEEDS
+from demo.scenes import Scene, parse_caption, prompt_records, sample_heldout_scenes, sample_zorb_scenes
+from inference.pipeline import StageSampling
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join("configs", "inference", "demo.yaml")
+CONTROLNET = os.path.join("configs", "inference", "controlnet_demo_canny.yaml")
+LORA = os.path.join("models", "demo", "lora_zorb.safetensors")
+SIZE = 128
+# the demo's sampling settings (the CLI and the app use them for this model)
+STAGE_C = StageSampling(steps=20, cfg=4.0, shift=2.0)
+STAGE_B = StageSampling(steps=10, cfg=1.1, shift=1.0)
+
+
+def load_demo(config=CONFIG, device="cpu"):
+    from inference.loading import load_pipeline
+    return load_pipeline(os.path.join(REPO, config) if not os.path.exists(config) else config, device=device,
+                         dtype=torch.float32)
+
+
+def generate(pipe, prompts, first_seed, **kwargs):
+    """PIL images of `prompts`, image i from seed first_seed + i (the pipeline's rule), at the demo size."""
+    out = pipe.generate(list(prompts), seed=first_seed, height=SIZE, width=SIZE, stage_c=STAGE_C, stage_b=STAGE_B,
+                        **kwargs)
+    return out.pil()
+
+
+def _batches(records, size):
+    for start in range(0, len(records), size):
+        batch = records[start:start + size]
+        seeds = [r["seed"] for r in batch]
+        if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+            raise ValueError("prompt records must have consecutive seeds (make_dataset writes 0, 1, 2, ...)")
+        yield batch
+
+
+def heldout_accuracy(pipe, records, batch_size=50):
+    detections = []
+    for batch in _batches(records, batch_size):
+        images = generate(pipe, [r["prompt"] for r in batch], batch[0]["seed"])
+        detections.extend(detect(image) for image in images)
+    return score(detections, [r["attributes"] for r in records]), detections
+
+
+def _to_tensor(images):
+    return torch.stack([torch.from_numpy(np.asarray(i.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+                        for i in images])
+
+
+@torch.inference_mode()
+def reconstruction_psnr(pipe, renders):
+    """Mean PSNR of Stage A alone (encode → decode) and of Stages A+B (EfficientNet latents → Stage B → A)."""
+    from inference.utils import to_pil
+    x = _to_tensor(renders)
+    stage_a = pipe.stage_a.decode(pipe.stage_a.encode(x.to(pipe.device))[0]).float().clamp(0, 1).cpu()
+    ab = pipe.reconstruct(x, stage_b=STAGE_B, seed=0).images
+    return {"stage_a_psnr_db": float(np.mean([psnr(r, o) for r, o in zip(renders, to_pil(stage_a))])),
+            "stage_ab_psnr_db": float(np.mean([psnr(r, o) for r, o in zip(renders, to_pil(ab))])), "n": len(renders)}
+
+
+def controlnet_iou(pipe, records, batch_size=25):
+    """Each held-out scene's render is the control image, its caption the prompt."""
+    from inference.controlnet import load_controlnet
+    controlnet = load_controlnet(pipe, os.path.join(REPO, CONTROLNET))
+    ious = []
+    for batch in _batches(records, batch_size):
+        renders = [Scene(**parse_caption(r["prompt"]), variant=r["seed"]).render(SIZE) for r in batch]
+        control = _to_tensor(renders)
+        images = []
+        for i, r in enumerate(batch):  # one control image per prompt
+            images += generate(pipe, [r["prompt"]], r["seed"], controlnet=controlnet, control_image=control[i:i + 1])
+        ious += [dilated_iou(canny_edges(g), canny_edges(c)) for g, c in zip(images, renders)]
+    return {"edge_iou_mean": float(np.mean(ious)), "n": len(ious), "dilation_radius_px": 2}
+
+
+def lora_effect(pipe, zorb_records, base_records):
+    """Token accuracy with the LoRA; without it as the baseline; and prompts without the token, with and without."""
+    base_prompts = [r["prompt"] for r in base_records]
+    zorb_prompts = [r["prompt"] for r in zorb_records]
+    without_zorb = generate(pipe, zorb_prompts, zorb_records[0]["seed"])
+    without_base = generate(pipe, base_prompts, base_records[0]["seed"])
+    lora = pipe.load_lora(os.path.join(REPO, LORA))
+    try:
+        with_zorb = generate(pipe, zorb_prompts, zorb_records[0]["seed"])
+        with_base = generate(pipe, base_prompts, base_records[0]["seed"])
+    finally:
+        lora.remove()
+    same = sum(detect(a).attributes() == detect(b).attributes() for a, b in zip(without_base, with_base))
+    diff = float(np.mean([np.abs(_to_tensor([a]) - _to_tensor([b])).mean().item()
+                          for a, b in zip(without_base, with_base)]))
+    return {"token_accuracy": lora_token_accuracy(with_zorb),
+            "token_accuracy_without_lora": lora_token_accuracy(without_zorb),
+            "base_prompts_same_detection": proportion(same, len(base_records)),
+            "base_prompts_mean_abs_pixel_change": diff,
+            "base_accuracy_with_lora": score([detect(i) for i in with_base], [r["attributes"] for r in base_records]),
+            "base_accuracy_without_lora": score([detect(i) for i in without_base],
+                                                [r["attributes"] for r in base_records])}
+
+
+def timing(pipe, repeats=3):
+    """Seconds for one 128² image from a loaded pipeline (median of `repeats`)."""
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        generate(pipe, ["a large red circle in the center on a blue background"], i)
+        times.append(time.perf_counter() - start)
+    return {"seconds_per_image": float(np.median(times)), "threads": torch.get_num_threads()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m demo.evaluate_model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=CONFIG)
+    parser.add_argument("--n", type=int, default=300, help="held-out prompts (≥ 300 for ±6%% intervals)")
+    parser.add_argument("--n-control", type=int, default=100, help="held-out scenes for the ControlNet")
+    parser.add_argument("--n-lora", type=int, default=100, help="'[zorb]' prompts and prompts without it")
+    parser.add_argument("--out", default=os.path.join("models", "demo", "eval.json"))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    pipe = load_demo(args.config)
+    load_seconds = time.perf_counter() - start
+    records = prompt_records(sample_heldout_scenes(args.n, [0, SPLIT_SEEDS["heldout"]]))
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)",
+              "torch": torch.__version__, "image_size": SIZE, "stage_c_sampling": vars(STAGE_C),
+              "stage_b_sampling": vars(STAGE_B), "load_seconds": load_seconds}
+    result["timing"] = timing(pipe)
+    print(f"[eval] {result['timing']['seconds_per_image']:.2f} s per image", flush=True)
+    result["heldout"], _ = heldout_accuracy(pipe, records)
+    print("[eval] held-out:", {k: round(v["accuracy"], 3) for k, v in result["heldout"].items()}, flush=True)
+    renders = [Scene(**parse_caption(r["prompt"]), variant=r["seed"]).render(SIZE) for r in records[:100]]
+    result["reconstruction"] = reconstruction_psnr(pipe, renders)
+    print("[eval] reconstruction:", result["reconstruction"], flush=True)
+    result["controlnet_canny"] = controlnet_iou(pipe, records[:args.n_control])
+    print("[eval] controlnet:", result["controlnet_canny"], flush=True)
+    zorbs = prompt_records(sample_zorb_scenes(args.n_lora, [0, SPLIT_SEEDS["zorb_prompts"]]))
+    result["lora_zorb"] = lora_effect(pipe, zorbs, records[:args.n_lora])
+    print("[eval] lora:", {k: v for k, v in result["lora_zorb"].items() if "accuracy" not in k or "token" in k},
+          flush=True)
+    with open(os.path.join(REPO, args.out) if not os.path.isabs(args.out) else args.out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"[eval] wrote {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
