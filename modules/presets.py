@@ -75,6 +75,9 @@ PRESETS = {
     "previewer": {
         "default": {},
         "tiny": dict(c_hidden=32),
+        # The demo's (train/train_previewer.py, configs/training/demo_previewer.yaml): 24² previews of its 3×3
+        # latents; its cost next to the EfficientNet-Lite0 that makes the latents is negligible on a CPU.
+        "demo": dict(c_hidden=64),
     },
     "controlnet": {
         "canny": dict(c_in=1, proj_blocks=_PROJ_BLOCKS, bottleneck_mode="effnet"),
