@@ -99,6 +99,11 @@ def stage_cache_b():
     _write_cache("b", "train_b.py", CACHE_B)
 
 
+def stage_previewer():
+    _train("previewer", "train_previewer.py", {"generator.safetensors": (os.path.join(OUT, "previewer.safetensors"),
+                                                                         torch.float16)})
+
+
 def stage_cache_c():
     _write_cache("c", "train_c.py", CACHE_C)
 
@@ -131,6 +136,7 @@ STAGES = [
     ("stage_a", "stage_a.safetensors", stage_a),
     ("cache_b", ("stage_b.safetensors", CACHE_B), stage_cache_b),
     ("stage_b", "stage_b.safetensors", stage_b),
+    ("previewer", "previewer.safetensors", stage_previewer),
     ("cache_c", ("stage_c.safetensors", CACHE_C), stage_cache_c),
     ("stage_c", "stage_c.safetensors", stage_c),
     ("controlnet", "controlnet_canny.safetensors", stage_controlnet),

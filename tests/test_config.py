@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from core.config import EXPECTED, EXPECTED_TRAIN, Config, ConfigError, ConfigWarning
-from train import ControlNetCore, LoraCore, WurstCoreA, WurstCoreB, WurstCoreC
+from train import ControlNetCore, LoraCore, WurstCoreA, WurstCoreB, WurstCoreC, WurstCorePreviewer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "training")
@@ -95,7 +95,7 @@ def test_upstream_stage_b_configs_load_and_shift_is_ignored(name):
 
 TRAINERS = (("controlnet", ControlNetCore), ("_lora", LoraCore), ("finetune_b", WurstCoreB), ("tiny_b", WurstCoreB),
             ("finetune_c", WurstCoreC), ("tiny_c", WurstCoreC), ("demo_b", WurstCoreB), ("demo_c", WurstCoreC),
-            ("_a.yaml", WurstCoreA))  # first match wins
+            ("_a.yaml", WurstCoreA), ("_previewer", WurstCorePreviewer))  # first match wins
 
 
 def test_every_training_config_of_the_repo_loads():
