@@ -13,7 +13,7 @@ from demo.evaluate import markdown_table
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "models", "demo")
 CONFIGS = {"stage_a": "demo_a", "stage_b": "demo_b", "stage_c": "demo_c", "controlnet": "demo_controlnet_canny",
-           "lora": "demo_lora_zorb"}
+           "lora": "demo_lora_zorb", "previewer": "demo_previewer"}
 
 
 def _load(path):
