@@ -86,18 +86,28 @@ class ChannelMLP(nn.Sequential):
     """Linear, GELU, GRN, Dropout, Linear over the channels of a B, H, W, C map (keys channelwise.{0,2,4}).
 
     Runs in blocks of rows (see _row_blocks): a first pass makes the 4×-wide hidden blocks and GRN's statistics,
-    a second normalises and projects them back."""
+    a second normalises and projects them back. Blocks are rows of one sample, so each is contiguous: a block
+    across the batch is a strided view, which a Linear runs as a batched matmul at about half the speed (Stage C
+    1B's 2×24² maps, 2 threads: 214–305 ms against 130–141 ms per fc1)."""
 
     def __init__(self, c_in, c, dropout):
         super().__init__(Linear(c_in, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout),
                          Linear(c * 4, c))
 
-    def forward(self, x):
+    def forward(self, x):  # B, H, W, C, contiguous
         fc1, act, grn, drop, fc2 = self
-        hidden = [act(fc1(rows)) for rows in x.chunk(_row_blocks(x, fc1.out_features), dim=1)]  # B, h, W, 4C
-        scale = grn.scale(hidden)
-        out = [fc2(drop(torch.addcmul(grn.beta, h, scale))) for h in hidden]  # B, h, W, C
-        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+        blocks = _row_blocks(x, fc1.out_features)
+        if blocks == 1:
+            h = act(fc1(x))
+            return fc2(drop(torch.addcmul(grn.beta, h, grn.scale([h]))))
+        per_sample = math.ceil(blocks / x.size(0))
+        out = []
+        for sample in x.unbind(0):  # H, W, C
+            hidden = [act(fc1(rows)) for rows in sample.chunk(per_sample, dim=0)]  # h, W, 4C
+            scale = grn.scale([h.unsqueeze(0) for h in hidden])[0]  # 1, 1, 4C
+            beta = grn.beta[0]
+            out.append(torch.cat([fc2(drop(torch.addcmul(beta, h, scale))) for h in hidden], dim=0))
+        return torch.stack(out)
 
 
 class ResBlock(nn.Module):
