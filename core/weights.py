@@ -172,6 +172,12 @@ def read_metadata(path):
     return _Checkpoint(path).metadata
 
 
+def recorded_kind(path, default):
+    """The model kind a file records, else `default`: files written here record theirs (the demo's 'effnet_lite0'
+    where an EfficientNet is expected), the released files none."""
+    return read_metadata(path).get("kind") or default
+
+
 @contextlib.contextmanager
 def _empty_parameters():
     """Parameters are created on the meta device, buffers for real.

@@ -62,8 +62,8 @@ def _break_zero_init(model, std=0.02):
 
 def _effnet_kind(path):
     """The encoder kind the file records (the demo's 'effnet_lite0', say); the released file records none."""
-    from core.weights import read_metadata
-    return (read_metadata(path).get("kind") if path else None) or "effnet"
+    from core.weights import recorded_kind
+    return recorded_kind(path, "effnet") if path else "effnet"
 
 
 def _preset(kind, version):

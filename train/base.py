@@ -22,9 +22,15 @@ from modules.presets import PRESETS, TINY_CLIP_TEXT_DIM, TINY_CLIP_TEXT_POOLED_D
 
 TINY = "tiny"  # model_version / encoder name for the small random models of the tiny configs and the tests
 PRESETS_WITH_TINY = {kind for kind, presets in PRESETS.items() if TINY in presets}
+EFFNET_STRIDE = 32  # the EfficientNet encoder's downsampling
 # FSDP units and activation-checkpointing units of Stage B and C (SPEC §5)
 BLOCK_CLASSES = (ResBlock, AttnBlock, TimestepBlock, FeedForwardBlock)
 TARGETS = {"epsilon": EpsilonTarget, "v": VTarget, "x0": X0Target}
+
+
+def effnet_input_size(size, scale: float) -> list:
+    """(h, w) scaled by `scale`, rounded down to multiples of the encoder's stride (at least one stride each)."""
+    return [max(EFFNET_STRIDE, int(s * scale) // EFFNET_STRIDE * EFFNET_STRIDE) for s in size]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,22 +75,28 @@ class DataCore(WarpCore):
         text_model: nn.Module = None
 
     def setup_data(self, extras):
-        from core.data import build_cached_dataloader, build_dataloader
+        from core.data import build_cached_dataloader
         cfg = self.config
+        batch_size = cfg.micro_batch_size(self.env.world_size)
+        placement = dict(shuffle_buffer=cfg.shuffle_buffer, pin_memory=self.device.type == "cuda",
+                         rank=self.env.rank, world_size=self.env.world_size)
         if cfg.cached_webdataset_path:  # the frozen encoders' outputs (`--write-cache`); caption dropout: see below
-            loader = build_cached_dataloader(
-                cfg.cached_webdataset_path, cfg.micro_batch_size(self.env.world_size), tensors=self.CACHED_TENSORS,
-                shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
-                rank=self.env.rank, world_size=self.env.world_size, seed=cfg.seed)
-            return self.Data(dataset=loader.stream, dataloader=loader, iterator=iter(loader))
-        loader = build_dataloader(
-            cfg.webdataset_path, cfg.micro_batch_size(self.env.world_size), image_size=cfg.image_size,
-            multi_aspect_ratio=cfg.multi_aspect_ratio, captions_getter=cfg.captions_getter,
-            dataset_filters=cfg.dataset_filters, caption_dropout=cfg.caption_dropout,
-            p_random_ratio=cfg.bucketeer_random_ratio, crop=cfg.crop, shuffle_buffer=cfg.shuffle_buffer,
-            num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda", rank=self.env.rank,
-            world_size=self.env.world_size, seed=cfg.seed)
+            loader = build_cached_dataloader(cfg.cached_webdataset_path, batch_size, tensors=self.CACHED_TENSORS,
+                                             num_workers=cfg.num_workers, seed=cfg.seed, **placement)
+        else:
+            loader = self.image_loader(batch_size, caption_dropout=cfg.caption_dropout,
+                                       p_random_ratio=cfg.bucketeer_random_ratio, **placement)
         return self.Data(dataset=loader.stream, dataloader=loader, iterator=iter(loader))
+
+    def image_loader(self, batch_size, **settings):
+        """`core.data.build_dataloader` over `webdataset_path` with the config's sizes, captions, filters and crop
+        (what training and `write_cache` must agree on); `settings` add the rest."""
+        from core.data import build_dataloader
+        cfg = self.config
+        return build_dataloader(cfg.webdataset_path, batch_size, image_size=cfg.image_size,
+                                multi_aspect_ratio=cfg.multi_aspect_ratio, captions_getter=cfg.captions_getter,
+                                dataset_filters=cfg.dataset_filters, crop=cfg.crop, num_workers=cfg.num_workers,
+                                seed=cfg.seed, **settings)
 
     def data_metrics(self, data) -> dict:
         """Samples the data pipeline skipped so far (counted per finished epoch)."""
@@ -117,11 +129,17 @@ class DataCore(WarpCore):
             if generators is not None and self.config.caption_dropout > 0:
                 drop = torch.cat([torch.rand(1, generator=g) < self.config.caption_dropout for g in generators])
                 if drop.any():
-                    empty = encode_text(models.text_model, models.tokenizer, [""], device=self.device)
+                    empty = self._empty_caption(models)
                     for k, v in cond.items():
                         v[drop.to(v.device)] = empty[k].to(v.dtype).squeeze(0)
             return cond
         return encode_text(models.text_model, models.tokenizer, captions, device=self.device)
+
+    def _empty_caption(self, models) -> dict:
+        """The frozen text encoder's conditions for "" (every dropped row's), computed once."""
+        if getattr(self, "_empty_text", None) is None:
+            self._empty_text = encode_text(models.text_model, models.tokenizer, [""], device=self.device)
+        return self._empty_text
 
     def cache_tensors(self, batch, models) -> dict:
         """{name: B×...} for CACHED_TENSORS from an image batch: what the frozen encoders make of it."""
@@ -131,14 +149,9 @@ class DataCore(WarpCore):
     def write_cache(self, out_dir, maxcount=1000) -> list:
         """One pass over `webdataset_path` (no shuffling, no caption dropout, every sample) through the frozen
         encoders into shards under `out_dir`; point `cached_webdataset_path` at them. Returns the shard paths."""
-        from core.data import build_dataloader, cache_to_shards
-        cfg = self.config
+        from core.data import cache_to_shards
         models = self.setup_models(self.setup_extras_pre())
-        loader = build_dataloader(
-            cfg.webdataset_path, cfg.micro_batch_size(1), image_size=cfg.image_size,
-            multi_aspect_ratio=cfg.multi_aspect_ratio, captions_getter=cfg.captions_getter,
-            dataset_filters=cfg.dataset_filters, crop=cfg.crop, shuffle_buffer=0, drop_last=False,
-            num_workers=cfg.num_workers, seed=cfg.seed)
+        loader = self.image_loader(self.config.micro_batch_size(1), shuffle_buffer=0, drop_last=False)
         os.makedirs(out_dir, exist_ok=True)
         return cache_to_shards(loader.iter_epoch(), lambda batch: self.cache_tensors(batch, models),
                                os.path.join(out_dir, "shard-%06d.tar"), maxcount)
@@ -222,18 +235,16 @@ class TrainingCore(DataCore):
         """A frozen helper model (encoder, previewer) from its checkpoint, as the kind the file records (e.g. the
         demo's 'effnet_lite0' where an EfficientNet is asked for); without a file a new one, for the tiny configs
         (random) or when `fresh_ok` (a model that trains here, e.g. an encoder's mapper)."""
-        from core.weights import load_model, read_metadata
-        preset = TINY if self.config.model_version == TINY else None
+        from core.weights import load_model, recorded_kind
+        if path is not None:
+            kind = recorded_kind(path, kind)
+        preset = TINY if self.config.model_version == TINY and kind in PRESETS_WITH_TINY else None
         if path is None:
             if self.config.model_version != TINY and not fresh_ok:
                 raise ConfigError(f"no checkpoint for the {kind} model: set its *_checkpoint_path")
-            model = build_model(kind, preset if kind in PRESETS_WITH_TINY else None)
+            model = build_model(kind, preset)
         else:
-            recorded = read_metadata(path).get("kind")
-            if recorded and recorded != kind:
-                model = load_model(path, dtype=self.dtype())
-            else:
-                model = load_model(path, kind=kind, preset=preset, dtype=self.dtype())
+            model = load_model(path, kind=kind, preset=preset, dtype=self.dtype())
         return model.to(self.device, self.dtype()).eval().requires_grad_(False)
 
     def setup_generator(self, kind: str) -> tuple:

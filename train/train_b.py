@@ -19,9 +19,8 @@ from torch import nn  # noqa: E402
 from core.conditioning import effnet_preprocess  # noqa: E402
 from core.config import EXPECTED, ConfigError  # noqa: E402
 from modules.gdf.noise import randn  # noqa: E402
-from train.base import TrainingCore, main  # noqa: E402
+from train.base import TrainingCore, effnet_input_size, main  # noqa: E402
 
-EFFNET_STRIDE = 32  # the EfficientNet encoder's downsampling
 
 
 def pyramid_noise(shape, generators, device, levels=10, size_range=(1, 16), discount=0.75, dtype=torch.float32):
@@ -115,8 +114,7 @@ class WurstCoreB(TrainingCore):
     @staticmethod
     def _effnet_images(images, factor):
         """Images rescaled (nearest) by `factor` to a multiple of the EfficientNet's stride."""
-        size = [max(EFFNET_STRIDE, int(s * factor) // EFFNET_STRIDE * EFFNET_STRIDE) for s in images.shape[-2:]]
-        return F.interpolate(images, size=size, mode="nearest")
+        return F.interpolate(images, size=effnet_input_size(images.shape[-2:], factor), mode="nearest")
 
     def trained_models(self):
         return ["generator", "effnet"] if self.config.train_effnet_mapper else ["generator"]

@@ -23,17 +23,9 @@ from core import distributed  # noqa: E402
 from core.conditioning import effnet_preprocess  # noqa: E402
 from core.config import EXPECTED, ConfigError  # noqa: E402
 from core.warpcore import WarpCore  # noqa: E402
-from core.weights import load_model, read_metadata  # noqa: E402
+from core.weights import load_model, recorded_kind  # noqa: E402
 from modules.presets import build_model  # noqa: E402
-from train.base import DataConfig, DataCore, main  # noqa: E402
-
-EFFNET_STRIDE = 32  # the EfficientNet encoder's downsampling
-
-
-def effnet_input_size(size, scale: float) -> list:
-    """(h, w) scaled by `scale`, rounded down to multiples of the encoder's stride (at least one stride each)."""
-    return [max(EFFNET_STRIDE, int(s * scale) // EFFNET_STRIDE * EFFNET_STRIDE) for s in size]
-
+from train.base import DataConfig, DataCore, effnet_input_size, main  # noqa: E402
 
 def resize(images: torch.Tensor, size) -> torch.Tensor:
     """Antialiased bilinear resize in float32, as the data pipeline resizes (core.data.crop): the encoder then
@@ -44,8 +36,7 @@ def resize(images: torch.Tensor, size) -> torch.Tensor:
 def load_encoder(path: str, dtype: torch.dtype) -> nn.Module:
     """The frozen EfficientNet, as the kind its file records (the demo's 'effnet_lite0'); a file that records none
     (the released effnet_encoder) is the class-default 'effnet'."""
-    kind = None if read_metadata(path).get("kind") else "effnet"
-    return load_model(path, kind=kind, dtype=dtype)
+    return load_model(path, kind=recorded_kind(path, "effnet"), dtype=dtype)
 
 
 class WurstCorePreviewer(DataCore):
