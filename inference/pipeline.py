@@ -95,19 +95,26 @@ class StableCascadePipeline:
     """Holds the models; `generate` and `reconstruct` are the entry points (see module docstring)."""
 
     def __init__(self, stage_c, stage_b, stage_a, effnet, text_model, tokenizer, previewer=None,
-                 vision_model=None, device="cpu", dtype=torch.float32, offload=False):
+                 vision_model=None, device="cpu", dtype=torch.float32, offload=False, stage_c_compression=42.67):
         self.stage_c, self.stage_b, self.stage_a, self.effnet = stage_c, stage_b, stage_a, effnet
         self.previewer, self.text_model, self.tokenizer = previewer, text_model, tokenizer
         self._vision_model = vision_model
         self.loras = []  # inference.lora.LoadedLoRA, in the order they were applied
         self.vision_loader: Optional[Callable[[], torch.nn.Module]] = None
         self.device, self.dtype, self.offload = torch.device(device), dtype, offload
+        self.stage_c_compression = stage_c_compression  # output pixels per Stage C latent (PipelineConfig)
         # each stage samples with the objective it was trained with (inference.loading sets `gdf_target`)
         self.gdf_c = cascade_gdf(getattr(stage_c, "gdf_target", "epsilon"))
         self.gdf_b = cascade_gdf(getattr(stage_b, "gdf_target", "epsilon"))
         for m in self._models():
             m.eval().requires_grad_(False)
             m.to("cpu" if offload else self.device)
+
+    @property
+    def effnet_stride(self) -> int:
+        """Image pixels per EfficientNet latent, a side: 32 (EfficientNetV2-S; Lite0's head), 16 for the demo's
+        stride-16 Lite0 features. Images the encoder (or a ControlNet) sees are sized by it."""
+        return getattr(self.effnet, "feature_stride", 32)
 
     def load_lora(self, source, scale=1.0, merge=False, train_tokens=None):
         """Applies a LoRA file (or a LoRA config naming one and its train_tokens) to Stage C and the text encoder;
@@ -180,7 +187,7 @@ class StableCascadePipeline:
         steps = max(1, int(settings.steps))
         cfg = settings.cfg if settings.cfg not in (None, 1, 1.0) else None
         sampler = SAMPLERS[settings.sampler](gdf)
-        runner = _InDtype(model, self.dtype)
+        runner = model if self.dtype == torch.float32 else _InDtype(model, self.dtype)  # fp32: no wrapper call
         cond, uncond = _cast_inputs(cond, self.dtype), _cast_inputs(uncond, self.dtype)
         x0 = None
         sampling = gdf.sample(runner, cond, shape, uncond if cfg is not None else None, sampler=sampler,
@@ -242,7 +249,7 @@ class StableCascadePipeline:
         seeds = [seed + i for i in range(batch)] if seed is not None else [None] * batch
         generators_c = generators_c if generators_c is not None else self._generators(seeds)
         generators_b = generators_b if generators_b is not None else self._generators(seeds)
-        shape_c, shape_b = calculate_latent_sizes(height, width, batch)
+        shape_c, shape_b = calculate_latent_sizes(height, width, batch, compression_factor_b=self.stage_c_compression)
 
         # Stage 1: conditions
         cond, uncond = conditions if conditions is not None else self.encode_prompts(prompts, negatives)
@@ -269,7 +276,9 @@ class StableCascadePipeline:
                 if not 0.0 <= float(strength) <= 1.0:
                     raise PipelineError(f"strength must lie in [0, 1], got {strength}")
                 image = self._check_images(init_image, "init_image")
-                image = torch.nn.functional.interpolate(image.float(), size=(shape_c[2] * 32, shape_c[3] * 32),
+                stride = self.effnet_stride
+                image = torch.nn.functional.interpolate(image.float(),
+                                                        size=(shape_c[2] * stride, shape_c[3] * stride),
                                                         mode="bilinear", align_corners=False, antialias=True)
                 clean = self.encode_effnet(image.clamp(0, 1))
                 clean = clean.repeat_interleave(batch // clean.shape[0], 0) if clean.shape[0] != batch else clean
@@ -337,22 +346,27 @@ class StableCascadePipeline:
             return stage_a.decode(latents_b.to(self.device, self.dtype)).float().clamp(0, 1).cpu()
 
     @torch.inference_mode()
-    def reconstruct(self, images, compression: float = 3 / 4, caption: str = "", seed: int = 0,
+    def reconstruct(self, images, compression: Optional[float] = None, caption: str = "", seed: int = 0,
                     stage_b: StageSampling = STAGE_B_DEFAULTS, callback=None) -> CascadeOutput:
         """Stages A+B as an autoencoder: image → 16×h×w EfficientNet latents → image.
 
         `compression` scales the image before the EfficientNet (upstream's notebook uses ¾: a 1024² image
-        becomes 24×24×16 latents, ~42× spatial compression); the output has the input's size.
+        becomes 24×24×16 latents, ~42× spatial compression); by default the scale Stage C generates at
+        (`effnet_stride` / `stage_c_compression`: ¾ for the released models, 1 for the demo). The output has the
+        input's size.
         """
+        stride = self.effnet_stride
+        if compression is None:  # rounded: 32 / 42.67 is upstream's ¾ (42.67 itself rounds 128/3)
+            compression = round(stride / self.stage_c_compression, 3)
         images = self._check_images(images, "images").float().clamp(0, 1)
         h, w = images.shape[-2:]
         if h % 4 or w % 4:
             raise PipelineError(f"image size {h}×{w} must be divisible by 4 (Stage A works at 4× compression)")
         if not 0 < compression <= 1:
             raise PipelineError(f"compression must lie in (0, 1], got {compression}")
-        eh, ew = int(h * compression // 32 * 32), int(w * compression // 32 * 32)
-        if eh < 32 or ew < 32:
-            raise PipelineError(f"compression {compression} leaves less than 32 px of a {h}×{w} image")
+        eh, ew = int(h * compression // stride * stride), int(w * compression // stride * stride)
+        if eh < stride or ew < stride:
+            raise PipelineError(f"compression {compression} leaves less than {stride} px of a {h}×{w} image")
         small = torch.nn.functional.interpolate(images, size=(eh, ew), mode="nearest")
         latents_c = self.encode_effnet(small.to(self.device))
         batch = images.shape[0]

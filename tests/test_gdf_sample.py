@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.gdf import GDF, CosineSchedule, CosineTNoiseCond, DDIMSampler, EpsilonTarget, P2LossWeight, VPScaler
+from modules.gdf import (GDF, CosineSchedule, CosineTNoiseCond, DDIMSampler, DDPMSampler, EpsilonTarget, LCMSampler,
+                         P2LossWeight, VPScaler)
 from modules.gdf.cfg import guidance_scale, guide, pair_inputs
 
 B, SHAPE = 3, (3, 4, 8, 8)
@@ -225,3 +226,42 @@ def test_same_seed_same_image_different_seed_different_image():
     first = final(ToyModel(), cond, uncond, shape, timesteps=5)[0]
     torch.manual_seed(7)
     assert torch.equal(first, final(ToyModel(), cond, uncond, shape, timesteps=5)[0])
+
+
+class _OldStyleDDPM(DDPMSampler):
+    """A sampler written against the older step signature (no `scalers`): recomputes a and b itself."""
+
+    def step(self, x, x0, epsilon, logSNR, logSNR_prev, eta=1, generator=None):
+        assert self.gdf is not None
+        return super().step(x, x0, epsilon, logSNR, logSNR_prev, eta=eta, generator=generator)
+
+
+@pytest.mark.parametrize("sampler", [DDPMSampler, DDIMSampler, LCMSampler])
+def test_precomputed_scalers_give_the_same_samples_as_recomputing_them(sampler):
+    """GDF.sample hands each step the schedule's precomputed (a, b) as numbers: the same samples, to float32
+    round-off, as a sampler computing them as tensors."""
+    cond, uncond = conditions()
+    gdf = released_gdf()
+    fast = list(gdf.sample(ToyModel(), cond, SHAPE, unconditional_inputs=uncond, timesteps=5, cfg=3.0,
+                           sampler=sampler(gdf), generator=seeded(1, 2, 3)))
+
+    class Recomputing(sampler):
+        def step(self, x, x0, epsilon, logSNR, logSNR_prev, generator=None, scalers=None):
+            return super().step(x, x0, epsilon, logSNR, logSNR_prev, generator=generator)
+
+    slow = list(gdf.sample(ToyModel(), cond, SHAPE, unconditional_inputs=uncond, timesteps=5, cfg=3.0,
+                           sampler=Recomputing(gdf), generator=seeded(1, 2, 3)))
+    for (x0_f, x_f, _), (x0_s, x_s, _) in zip(fast, slow):
+        torch.testing.assert_close(x0_f, x0_s, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x_f, x_s, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sampler_without_the_scalers_argument_still_works():
+    cond, uncond = conditions()
+    gdf = released_gdf()
+    old = final(ToyModel(), cond, uncond, SHAPE, timesteps=4, cfg=2.0, sampler=_OldStyleDDPM(gdf),
+                generator=seeded(4, 5, 6))
+    new = final(ToyModel(), cond, uncond, SHAPE, timesteps=4, cfg=2.0, sampler=DDPMSampler(gdf),
+                generator=seeded(4, 5, 6))
+    for a, b in zip(old, new):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

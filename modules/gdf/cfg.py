@@ -42,6 +42,7 @@ def guide(pred, pred_uncond, cfg, rho):
     pred_cfg = torch.lerp(pred_uncond, pred, cfg)
     if rho <= 0:
         return pred_cfg
-    dims = tuple(range(1, pred.dim()))
-    std_pos, std_cfg = pred.std(dim=dims, keepdim=True), pred_cfg.std(dim=dims, keepdim=True)
-    return rho * (pred_cfg * std_pos / (std_cfg + 1e-9)) + (1 - rho) * pred_cfg
+    dims = tuple(range(2, pred.dim() + 1))
+    std_pos, std_cfg = torch.stack([pred, pred_cfg]).std(dim=dims, keepdim=True)  # one reduction for both
+    # rho·(pred_cfg·std_pos/std_cfg) + (1 − rho)·pred_cfg, as one per-sample factor: one latent-sized multiply
+    return pred_cfg * std_pos.div_(std_cfg.add_(1e-9)).mul_(rho).add_(1 - rho)

@@ -4,7 +4,7 @@ import torch
 
 from .cfg import guidance_scale, guide, pair_inputs
 from .noise import randn
-from .samplers import DDPMSampler
+from .samplers import DDPMSampler, takes_scalers
 
 
 class GDF:
@@ -52,9 +52,10 @@ class GDF:
         noised = x0 * a + epsilon * b
         return noised, epsilon, target, logSNR, self.noise_cond(logSNR), self.loss_weight(logSNR, shift=loss_shift)
 
-    def undiffuse(self, x, logSNR, pred):
-        """The (x0, epsilon) that the model's prediction `pred` at `x` = x_t implies."""
-        a, b = self.input_scalers(logSNR, x.dim())
+    def undiffuse(self, x, logSNR, pred, scalers=None):
+        """The (x0, epsilon) that the model's prediction `pred` at `x` = x_t implies (`scalers`: logSNR's (a, b),
+        when already computed)."""
+        a, b = self.input_scalers(logSNR, x.dim()) if scalers is None else scalers
         return self.target.x0(x, pred, logSNR, a, b), self.target.epsilon(x, pred, logSNR, a, b)
 
     def sample(self, model, model_inputs, shape, unconditional_inputs=None, sampler=None, schedule=None,
@@ -76,12 +77,18 @@ class GDF:
         schedule = self.schedule if schedule is None else schedule
         x = sampler.init_x(shape, generator=generator, device=device) if x_init is None else x_init
 
-        # every per-step quantity up front, so the loop makes no host syncs
+        # every per-step quantity up front (noise conditions, the scalers a and b), so the loop makes no host syncs
+        # and spends its time in the model
         ts = torch.linspace(t_start, t_end, timesteps + 1)
         logSNRs = schedule(ts, shift=shift)[:, None].expand(-1, x.size(0)).to(x.device)  # T+1, B
         noise_conds = self.noise_cond(logSNRs)
         noise_conds_cfg = noise_conds.repeat(1, 2)  # cond then uncond
+        # The scalers as plain numbers (every sample shares the step's t; one host sync here, none in the loop): the
+        # targets' and samplers' formulas then do their scalar arithmetic in Python, not as tiny torch ops
+        a_all, b_all = (v.tolist() for v in self.input_scaler(logSNRs[:, 0]))
         ts = ts.tolist()
+        logSNRs, noise_conds, noise_conds_cfg = (v.unbind(0) for v in (logSNRs, noise_conds, noise_conds_cfg))
+        pass_scalers = takes_scalers(sampler)
 
         cfg_inputs = None  # model_inputs paired with unconditional_inputs, built on the first CFG step
         for i in range(timesteps):
@@ -93,14 +100,20 @@ class GDF:
                 pred = guide(pred, pred_uncond, guidance_scale(cfg, ts[i]), cfg_rho)
             else:
                 pred = model(x, noise_conds[i], **model_inputs)
-            x0, epsilon = self.undiffuse(x, logSNRs[i], pred)
-            x = sampler(x, x0, epsilon, logSNRs[i], logSNRs[i + 1], generator=generator, **sampler_params).to(x.dtype)
+            now, after = (a_all[i], b_all[i]), (a_all[i + 1], b_all[i + 1])
+            x0, epsilon = self.undiffuse(x, logSNRs[i], pred, scalers=now)
+            extra = {"scalers": (now, after)} if pass_scalers else {}
+            x_prev = sampler(x, x0, epsilon, logSNRs[i], logSNRs[i + 1], generator=generator, **extra,
+                             **sampler_params)
+            x = x_prev if x_prev.dtype == x.dtype else x_prev.to(x.dtype)
 
             overrides = yield x0, x, pred
             if overrides:
                 cfg = overrides.get("cfg", cfg)
                 cfg_rho = overrides.get("cfg_rho", cfg_rho)
-                sampler = overrides.get("sampler", sampler)
+                if "sampler" in overrides:
+                    sampler = overrides["sampler"]
+                    pass_scalers = takes_scalers(sampler)
                 if "model_inputs" in overrides:
                     model_inputs, cfg_inputs = overrides["model_inputs"], None
                 x = overrides.get("x", overrides.get("x_init", x))

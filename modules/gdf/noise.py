@@ -18,9 +18,11 @@ def randn(shape, generator=None, device=None, dtype=torch.float32):
         return _draw(shape, generator, device, dtype)
     if len(generator) != shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}: pass one per sample")
-    return torch.cat([_draw((1, *shape[1:]), g, device, dtype) for g in generator])
+    draws = [_draw((1, *shape[1:]), g, device, dtype) for g in generator]
+    return draws[0] if len(draws) == 1 else torch.cat(draws)
 
 
 def _draw(shape, generator, device, dtype):
     # a generator can only fill tensors on its own device, so draw there and move the result
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    return noise if device is None or noise.device == torch.device(device) else noise.to(device)
