@@ -66,14 +66,15 @@ class LoadedControlNet:
     def residuals(self, pipe, image, shape_c, mask=None, outpaint=False, strength=1.0):
         """(Stage C's `cnet` list for the batch, B×3×h×w picture of the control input).
 
-        The filter sees the control image at 32× Stage C's latent size, as in training (768² for 24² latents); a
-        super-resolution filter gets it at 1/output_scale of that (antialiased), upsampled by nearest neighbour,
-        which its own nearest downscale undoes exactly. The residuals are scaled by `strength`.
+        The filter sees the control image at the EfficientNet's stride × Stage C's latent size, as in training
+        (768² for 24² latents; the demo's 128² for 8²); a super-resolution filter gets it at 1/output_scale of
+        that (antialiased), upsampled by nearest neighbour, which its own nearest downscale undoes exactly. The
+        residuals are scaled by `strength`.
         """
         n, batch = image.shape[0], shape_c[0]
         if batch % n:
             raise PipelineError(f"{n} control images do not divide a batch of {batch} images")
-        size = (shape_c[2] * 32, shape_c[3] * 32)
+        size = (shape_c[2] * pipe.effnet_stride, shape_c[3] * pipe.effnet_stride)
         s = self.output_scale
         x = F.interpolate(image.float(), size=(size[0] // s, size[1] // s), mode="bilinear", antialias=True)
         x = F.interpolate(x, size=size, mode="nearest").clamp(0, 1).to(pipe.device)

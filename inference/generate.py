@@ -67,7 +67,9 @@ def build_parser():
     p.add_argument("--variation", default=None, help="image variation: condition on this image's CLIP embedding")
     p.add_argument("--reconstruct", default=None,
                    help="Stages A+B as an autoencoder: reconstruct this image through 16-ch EfficientNet latents")
-    p.add_argument("--compression", type=float, default=0.75, help="reconstruction: EfficientNet input scale")
+    p.add_argument("--compression", type=float, default=None,
+                   help="reconstruction: EfficientNet input scale (default: the scale Stage C generates at, "
+                        "0.75 for the released models)")
     p.add_argument("--out", default="outputs", help="output folder for the PNGs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--lora", action=_AddLora, dest="loras", default=None, metavar="PATH",

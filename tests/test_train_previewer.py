@@ -16,7 +16,8 @@ from core.metrics import read_log
 from core.weights import load_model, read_metadata, save_model
 from demo.make_dataset import write_shards
 from demo.scenes import sample_train_scenes
-from modules.presets import build_model
+from modules.effnet_lite import _tensors
+from modules.presets import build_model, preset_kwargs
 from train import WurstCorePreviewer
 from train.train_previewer import effnet_input_size
 
@@ -47,8 +48,8 @@ def data(tmp_path_factory):
 
 
 def settings(data, tmp_path, **changes):
-    base = {"webdataset_path": data.shards, "effnet_checkpoint_path": data.effnet, "image_size": SIZE,
-            "effnet_scale": 1.0, "checkpoint_path": str(tmp_path / "ck"), "output_path": str(tmp_path / "out"),
+    base = {"webdataset_path": data.shards, "effnet_checkpoint_path": data.effnet, "train_effnet_mapper": False,
+            "image_size": SIZE, "effnet_scale": 1.0, "checkpoint_path": str(tmp_path / "ck"), "output_path": str(tmp_path / "out"),
             "num_workers": 0, "sample_every": 0}
     return [f"{k}={v}" for k, v in {**base, **changes}.items()]
 
@@ -101,7 +102,7 @@ def test_saved_previewer_reproduces_the_trainers_previews(data, trained):
         meta = read_metadata(path)
         assert (meta["kind"], meta["preset"]) == ("previewer", "demo")
         saved, theirs = load_model(path), getattr(core.models, name).eval()
-        assert saved.blocks[0].out_channels == 64  # the demo preset's width
+        assert saved.blocks[0].out_channels == preset_kwargs("previewer", "demo")["c_hidden"]  # the demo preset's
         mine = core.previews(data.images, core.models, saved)[1]
         torch.testing.assert_close(mine, core.previews(data.images, core.models, theirs)[1], rtol=1e-5, atol=1e-6)
     # the encoder stayed frozen: it is the file's, in eval mode
@@ -116,7 +117,38 @@ def test_effnet_input_is_the_scaled_image_in_multiples_of_32():
     assert effnet_input_size((40, 40), 0.5) == [32, 32]  # never below one latent
 
 
+def test_training_the_mapper_with_the_previewer_saves_both(data, tmp_path):
+    """The demo's set-up: a new stride-16 mapper on the package backbone learns with the Previewer; the saved
+    mapper file rebuilds the trainer's latents, and the backbone never moves."""
+    overrides = settings(data, tmp_path, effnet_checkpoint_path="null", train_effnet_mapper=True,
+                         effnet_preset="demo", updates=30, save_every=30, batch_size=8, lr=3e-3, warmup_updates=0)
+    core = KeepModels(config_file_path=DEMO, overrides=overrides)
+    torch.manual_seed(core.config.seed)
+    initial_mapper = core.setup_models(core.setup_extras_pre()).effnet.mapper[0].weight.detach().clone()
+    core()
+    step = tmp_path / "ck" / "demo_previewer" / "step_00000030"
+    meta = read_metadata(step / "effnet.safetensors")
+    assert (meta["kind"], meta["preset"]) == ("effnet_lite0", "demo")
+    saved = load_model(step / "effnet.safetensors")
+    trained = core.models.effnet.eval()
+    assert saved.feature_stride == 16 and not torch.equal(saved.mapper[0].weight, initial_mapper)
+    x = effnet_preprocess(data.images[:4])
+    with torch.no_grad():
+        latents = saved(x)
+        torch.testing.assert_close(latents, trained(x), rtol=1e-5, atol=1e-5)
+    assert latents.shape == (4, 16, SIZE // 16, SIZE // 16)
+    fresh = build_model("effnet_lite0", "demo")  # the package's backbone, untouched by training
+    ours, package = _tensors(trained.backbone), _tensors(fresh.backbone)  # (state_dict() leaves the backbone out)
+    assert len(ours) > 100 and ours.keys() == package.keys()
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, package[name]), name
+    log = read_log(tmp_path / "out" / "demo_previewer" / "log.txt")
+    assert log[30]["mse"] < log[1]["mse"]
+
+
 def test_config_checks(data, tmp_path):
+    with pytest.raises(ConfigError, match="train_effnet_mapper"):
+        WurstCorePreviewer(config_file_path=DEMO, overrides=settings(data, tmp_path, effnet_checkpoint_path="null"))
     with pytest.raises(ConfigError, match="cached_webdataset_path"):
         WurstCorePreviewer(config_file_path=DEMO, overrides=settings(data, tmp_path, cached_webdataset_path="x"))
     with pytest.raises(ConfigError, match="effnet_scale must be positive"):

@@ -41,13 +41,14 @@ def build_controlnet(config, stage_c, control_filter, dtype=None, device="cpu"):
     initialised: a no-op until trained, its last projections being zero.
     """
     blocks = control_blocks(stage_c)
-    widths = sorted({block.depthwise.in_channels for block in blocks})
-    if len(widths) != 1:
-        raise ConfigError(f"Stage C's ResBlocks have widths {widths}; one ControlNet projection width cannot feed them")
     wanted = list(config.controlnet_blocks)
     if not wanted or min(wanted) < 0 or max(wanted) >= len(blocks):
         raise ConfigError(f"controlnet_blocks {wanted} must lie in 0..{len(blocks) - 1} (this Stage C has "
                           f"{len(blocks)} ResBlocks)")
+    widths = sorted({blocks[i].depthwise.in_channels for i in wanted})
+    if len(widths) != 1:  # e.g. a Stage C whose levels differ in width (the demo's): pick blocks of one level
+        raise ConfigError(f"controlnet_blocks {wanted} are ResBlocks of widths {widths}; one ControlNet projection "
+                          f"width cannot feed them: choose blocks of one width")
     kwargs = dict(c_in=control_filter.num_channels(), c_proj=widths[0], proj_blocks=wanted,
                   bottleneck_mode=config.controlnet_bottleneck_mode)
     if config.controlnet_checkpoint_path:
@@ -85,7 +86,7 @@ class ControlNetCore(WurstCoreC):
         controlnet_blocks: list[int] = EXPECTED  # Stage C ResBlocks (execution order) that receive residuals
         controlnet_filter: str = EXPECTED  # a modules.controlnet_filters class, e.g. CannyFilter
         controlnet_filter_params: Optional[dict] = None  # the filter's keyword arguments
-        controlnet_bottleneck_mode: Optional[Literal["effnet", "simple", "large", "conv"]] = None  # None: effnet
+        controlnet_bottleneck_mode: Optional[Literal["effnet", "simple", "large", "conv", "conv16"]] = None  # None: effnet
         controlnet_checkpoint_path: Optional[str] = None  # ControlNet weights to start from
         offset_noise: Optional[float] = None  # per-channel offset noise (upstream: 0.1 for inpainting and SR)
 

@@ -3,8 +3,13 @@
 Upstream released a Previewer but no trainer. The Previewer shows Stage C's 16-channel EfficientNet latents as a
 small RGB image (8× the latent size) while Stage C samples, without running Stages B and A. This trainer makes the
 latents with the frozen EfficientNet encoder from the training image, rescaled as Stage C's latents are made
-(the demo's Stage C generates the latents of the 3/4-size image), and regresses the Previewer's output on the
-image resized to the preview's size: MSE (+ optional L1).
+(e.g. the latents of the 3/4-size image, upstream's habit), and regresses the Previewer's output on the image
+resized to the preview's size: MSE (+ optional L1).
+
+With `train_effnet_mapper` the encoder's mapper (the 1×1 conv + BatchNorm that makes the latent channels from the
+frozen backbone's features) trains with the Previewer: a direct objective for the latent space, that it keep what
+the image needs to be redrawn. The demo cascade makes its latent space this way, before Stage B and Stage C train
+on it: learnt only through Stage B's diffusion loss, a small mapper kept little more than the background colour.
 """
 import copy
 import dataclasses
@@ -52,9 +57,14 @@ class WurstCorePreviewer(DataCore):
         model_version: str = EXPECTED  # a modules.presets previewer preset: 'default' (released), 'demo', 'tiny'
         model_kwargs: Optional[dict] = None  # constructor overrides on top of the preset
         generator_checkpoint_path: Optional[str] = None  # weights to start from; None: random init
-        effnet_checkpoint_path: str = EXPECTED  # the frozen encoder whose latents the Previewer learns to show
+        # The encoder whose latents the Previewer learns to show; null with train_effnet_mapper: a new mapper on the
+        # pretrained backbone of `effnet_model` (the demo's 'effnet_lite0' backbone ships in its package)
+        effnet_checkpoint_path: Optional[str] = EXPECTED
+        effnet_model: str = "effnet"
+        effnet_preset: Optional[str] = None  # its modules.presets preset (the demo's 'effnet_lite0' is 'demo')
+        train_effnet_mapper: bool = False  # train the encoder's mapper too (saved as `effnet`)
         # The image is rescaled by this (to a multiple of 32) before the encoder: Stage C's latents are those of
-        # the image at this scale (the demo: 128² scenes, 96² → 3×3 latents), so the Previewer should see those.
+        # the image at this scale (upstream ¾; the demo 1: 128² scenes → 4×4 latents), so the Previewer sees those.
         effnet_scale: float = 0.75
         mse_weight: float = 1.0
         l1_weight: float = 0.0
@@ -69,6 +79,9 @@ class WurstCorePreviewer(DataCore):
                     raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
             if self.mse_weight == 0 and self.l1_weight == 0:
                 raise ConfigError("mse_weight and l1_weight are both 0: nothing to train")
+            if self.effnet_checkpoint_path is None and not self.train_effnet_mapper:
+                raise ConfigError("effnet_checkpoint_path is null: name the encoder's file, or set "
+                                  "train_effnet_mapper: true to train a new mapper on the pretrained backbone")
             if self.cached_webdataset_path:
                 raise ConfigError("the previewer trainer encodes images every step and reads no cache: "
                                   "unset cached_webdataset_path")
@@ -82,10 +95,12 @@ class WurstCorePreviewer(DataCore):
     @dataclasses.dataclass
     class Optimizers(WarpCore.Optimizers):
         generator: Any = None
+        effnet: Any = None  # with train_effnet_mapper
 
     @dataclasses.dataclass
     class Schedulers(WarpCore.Schedulers):
         generator: Any = None
+        effnet: Any = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -93,12 +108,19 @@ class WurstCorePreviewer(DataCore):
 
     # ---------------------------------------------------------------------------------------------- set-up
     def trained_models(self) -> list:
-        return ["generator"]
+        return ["generator", "effnet"] if self.config.train_effnet_mapper else ["generator"]
 
     def setup_models(self, extras):
         cfg = self.config
-        effnet = load_encoder(cfg.effnet_checkpoint_path, self.dtype())
+        if cfg.train_effnet_mapper and self.env.is_distributed:
+            raise ConfigError("train_effnet_mapper runs in one process (the mapper is not synchronised across ranks)")
+        if cfg.effnet_checkpoint_path is None:
+            effnet = build_model(cfg.effnet_model, cfg.effnet_preset)
+        else:
+            effnet = load_encoder(cfg.effnet_checkpoint_path, self.dtype())
         effnet = effnet.to(self.device, self.dtype()).eval().requires_grad_(False)
+        if cfg.train_effnet_mapper and cfg.training:
+            effnet.mapper.requires_grad_(True)
         if cfg.generator_checkpoint_path is not None:
             generator = load_model(cfg.generator_checkpoint_path, kind="previewer", preset=cfg.model_version,
                                    kwargs=cfg.model_kwargs or {}, dtype=self.dtype())
@@ -122,11 +144,16 @@ class WurstCorePreviewer(DataCore):
         return self.Models(generator=generator, generator_ema=ema, effnet=effnet)
 
     # ---------------------------------------------------------------------------------------------- training
-    @torch.no_grad()
     def encode_latents(self, images: torch.Tensor, models) -> torch.Tensor:
-        """The frozen encoder's latents of [0, 1] images rescaled by `effnet_scale`."""
+        """The encoder's latents of [0, 1] images rescaled by `effnet_scale`: the backbone always frozen, the mapper
+        with gradients while it trains."""
         x = resize(images, effnet_input_size(images.shape[-2:], self.config.effnet_scale))
-        return models.effnet(effnet_preprocess(x.to(self.dtype())))
+        effnet = models.effnet
+        with torch.no_grad():
+            effnet.backbone.eval()  # the loop puts trained models in train mode: the backbone keeps its statistics
+            features = effnet.features(effnet_preprocess(x.to(self.dtype())))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_effnet_mapper):
+            return effnet.mapper(features)
 
     def targets(self, images: torch.Tensor, previews: torch.Tensor) -> torch.Tensor:
         """What the previews should look like: the images resized to the previews' size."""
