@@ -1,5 +1,6 @@
-"""Build the embedded demo cascade from nothing: data, Stage A, the encoder caches, Stage B (+ the EfficientNet-Lite0
-mapper), Stage C, the Canny ControlNet and the '[zorb]' LoRA, then the evaluation and the model card.
+"""Build the embedded demo cascade from nothing: data, Stage A, the EfficientNet-Lite0 latent space (its mapper, with
+the Previewer), the encoder caches, Stage B, Stage C, the Canny ControlNet and the '[zorb]' LoRA, then the evaluation
+and the model card.
 
     python -m demo.build_model                 # every stage not done yet, in order
     python -m demo.build_model --from stage_c  # redo from a stage on (its exported file and later ones are replaced)
@@ -82,8 +83,7 @@ def stage_a():
 
 def stage_b():
     _train("b", "train_b.py", {("generator_ema.safetensors", "generator.safetensors"):
-                               (os.path.join(OUT, "stage_b.safetensors"), torch.float16),
-                               "effnet.safetensors": (os.path.join(OUT, "effnet.safetensors"), None)})
+                               (os.path.join(OUT, "stage_b.safetensors"), torch.float16)})
 
 
 def _write_cache(name, script, folder):
@@ -100,8 +100,10 @@ def stage_cache_b():
 
 
 def stage_previewer():
-    _train("previewer", "train_previewer.py", {"generator.safetensors": (os.path.join(OUT, "previewer.safetensors"),
-                                                                         torch.float16)})
+    """The latent space: the Lite0 mapper trained with the Previewer (both exported; the mapper stays fp32)."""
+    _train("previewer", "train_previewer.py", {
+        "generator.safetensors": (os.path.join(OUT, "previewer.safetensors"), torch.float16),
+        "effnet.safetensors": (os.path.join(OUT, "effnet.safetensors"), None)})
 
 
 def stage_cache_c():
@@ -134,9 +136,9 @@ def stage_card():
 STAGES = [
     ("data", "heldout_prompts.json", stage_data),
     ("stage_a", "stage_a.safetensors", stage_a),
+    ("previewer", "effnet.safetensors", stage_previewer),
     ("cache_b", ("stage_b.safetensors", CACHE_B), stage_cache_b),
     ("stage_b", "stage_b.safetensors", stage_b),
-    ("previewer", "previewer.safetensors", stage_previewer),
     ("cache_c", ("stage_c.safetensors", CACHE_C), stage_cache_c),
     ("stage_c", "stage_c.safetensors", stage_c),
     ("controlnet", "controlnet_canny.safetensors", stage_controlnet),

