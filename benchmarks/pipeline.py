@@ -8,7 +8,9 @@ Run by hand, not in CI: `python benchmarks/pipeline.py [--preset lite|tiny] [--s
 `--repeats` rounds; both build identical weights from the same seed. Both sample with upstream's defaults
 (C: 20 steps, CFG 4; B: 10 steps, CFG 1.1; diffusers' decoder is given guidance 1.1 too, as its default 0 would
 skip CFG). diffusers' Paella VQ decoder has random weights of Stage A's architecture (same cost, not the same
-values). The loop overhead is also measured at the tiny preset. Prints a table and appends a row to RESULTS.md.
+values). The loop overhead is also measured at the demo model's size (`--preset demo`: the shipped models/demo
+cascade at 128², ours only) when it is there, else at the tiny preset. Prints a table and appends a row to
+RESULTS.md.
 """
 import argparse
 import json
@@ -28,6 +30,8 @@ HERE = os.path.abspath(__file__)
 PRESETS = {"lite": {"stage_c": "1B", "stage_b": "700M", "stage_a": "default", "clip": (1280, 1280, 20)},
            "tiny": {"stage_c": "tiny", "stage_b": "tiny", "stage_a": "tiny", "clip": (32, 24, 2)}}
 STAGES = ("text", "C", "B", "A")
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(HERE)), "configs", "inference", "demo.yaml")
+DEMO_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "models", "demo", "stage_c.safetensors")
 
 
 class Timeline:
@@ -64,9 +68,29 @@ def text_encoder(preset, device):
     return random_text_encoder(tiny_text_config(hidden=hidden, projection=projection, layers=1, heads=heads)).to(device)
 
 
+def build_demo(device, dtype):
+    """(run, timeline) for this project's pipeline on the shipped demo cascade (its own MiniLM text encoder)."""
+    from inference.loading import load_pipeline
+    from inference.pipeline import STAGE_B_DEFAULTS, STAGE_C_DEFAULTS
+    pipe = load_pipeline(DEMO_CONFIG, device=device, dtype=dtype)
+    timeline = Timeline(device)
+    for model, method, stage in ((pipe.text_model, "forward", "text"), (pipe.stage_c, "forward", "C"),
+                                 (pipe.stage_b, "forward", "B"), (pipe.stage_a, "decode", "A")):
+        timeline.wrap(model, method, stage)
+
+    def run(prompt, size, steps_c, steps_b, seed):
+        pipe.generate(prompt, height=size, width=size, seed=seed, stage_c=replace(STAGE_C_DEFAULTS, steps=steps_c),
+                      stage_b=replace(STAGE_B_DEFAULTS, steps=steps_b))
+    return run, timeline
+
+
 def build(side, preset, device, dtype):
     """(run(prompt, size, steps_c, steps_b, seed), timeline) for one side, models built from fixed seeds."""
     from core.conditioning import build_tokenizer
+    if preset == "demo":
+        if side != "ours":
+            raise ValueError("the demo preset runs this project's pipeline only")
+        return build_demo(device, dtype)
     p = PRESETS[preset]
     stage_c = random_model("stage_c", p["stage_c"], device=device, seed=1)
     stage_b = random_model("stage_b", p["stage_b"], device=device, seed=2)
@@ -153,7 +177,7 @@ def overhead(r):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=PRESETS, default="lite")
+    parser.add_argument("--preset", choices=[*PRESETS, "demo"], default="lite")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps-c", type=int, default=20)
     parser.add_argument("--steps-b", type=int, default=10)
@@ -167,9 +191,9 @@ def main(argv=None):
     if args.one:
         print(json.dumps(measure(args.one, args)))
         return
-    runs = {"ours": [], "diffusers": []}
+    runs = {"ours": [], "diffusers": []} if args.preset != "demo" else {"ours": []}
     for i in range(args.repeats):
-        for side in (("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours")):
+        for side in [s for s in (("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours")) if s in runs]:
             runs[side].append(child(side, args))
             print(side, json.dumps(runs[side][-1]), flush=True)
     rows, parts = [], []
@@ -184,16 +208,19 @@ def main(argv=None):
         parts.append(f"{side} {rows[-1][1]} s (text {rows[-1][2]}, C {rows[-1][3]}, B {rows[-1][4]}, A "
                      f"{rows[-1][5]} s), peak RSS {rows[-1][6]} MB, loop overhead per step ms (of a step) "
                      f"{rows[-1][7]}")
-    ratio = statistics.median(r["wall"] for r in runs["ours"]) / statistics.median(r["wall"] for r in runs["diffusers"])
-    tiny = runs["ours"][0] if args.preset == "tiny" else child(
-        "ours", argparse.Namespace(**{**vars(args), "preset": "tiny", "size": 256, "steps_c": 20, "steps_b": 10,
-                                      "warmup": True}))
+    ratio = (statistics.median(r["wall"] for r in runs["ours"]) / statistics.median(r["wall"] for r in runs["diffusers"])
+             if "diffusers" in runs else float("nan"))
+    # the loop overhead at the demo model's size (its real weights) when shipped, else at the tiny preset
+    small, small_size = ("demo", 128) if os.path.exists(DEMO_WEIGHTS) else ("tiny", 256)
+    tiny = runs["ours"][0] if args.preset == small else child(
+        "ours", argparse.Namespace(**{**vars(args), "preset": small, "size": small_size, "steps_c": 20,
+                                      "steps_b": 10, "warmup": True}))
     per, step = overhead(tiny)
     lite_step = overhead(runs["ours"][0])[1]
-    tiny_part = (f"loop overhead at the tiny preset: C {per['C'] * 1e3:.2f} ms/step = "
-                 f"{per['C'] / lite_step['C']:.2%} of a {args.preset} C step ({per['C'] / step['C']:.1%} of a tiny "
-                 f"one), B {per['B'] * 1e3:.2f} ms/step = {per['B'] / lite_step['B']:.2%} of a {args.preset} "
-                 f"B step")
+    tiny_part = (f"loop overhead at the {small} preset: C {per['C'] * 1e3:.2f} ms/step = "
+                 f"{per['C'] / lite_step['C']:.2%} of a {args.preset} C step ({per['C'] / step['C']:.1%} of a "
+                 f"{small} one), B {per['B'] * 1e3:.2f} ms/step = {per['B'] / lite_step['B']:.2%} of a "
+                 f"{args.preset} B step ({per['B'] / step['B']:.1%} of a {small} one)")
     print_table(["side", "end to end s", "text s", "Stage C s", "Stage B s", "Stage A s", "peak RSS MB",
                  "loop overhead ms/step (of a step)"], rows)
     summary = (f"text-to-image {args.preset} {args.size}², {args.steps_c}+{args.steps_b} steps, {args.dtype}, "
