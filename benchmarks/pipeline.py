@@ -208,8 +208,8 @@ def main(argv=None):
         parts.append(f"{side} {rows[-1][1]} s (text {rows[-1][2]}, C {rows[-1][3]}, B {rows[-1][4]}, A "
                      f"{rows[-1][5]} s), peak RSS {rows[-1][6]} MB, loop overhead per step ms (of a step) "
                      f"{rows[-1][7]}")
-    ratio = (statistics.median(r["wall"] for r in runs["ours"]) / statistics.median(r["wall"] for r in runs["diffusers"])
-             if "diffusers" in runs else float("nan"))
+    wall = {side: statistics.median(r["wall"] for r in rs) for side, rs in runs.items()}
+    ratio = wall["ours"] / wall["diffusers"] if "diffusers" in wall else float("nan")
     # the loop overhead at the demo model's size (its real weights) when shipped, else at the tiny preset
     small, small_size = ("demo", 128) if os.path.exists(DEMO_WEIGHTS) else ("tiny", 256)
     tiny = runs["ours"][0] if args.preset == small else child(

@@ -80,7 +80,8 @@ scenes.
   features (1280) are the image embedding for variations.
 - Stage A: VQGAN, 4× downsampling to 32×32×4 (`train/train_a.py`). Stage B: 2 levels (16×16 and 8×8 tokens).
   Stage C: 2 levels, 8×8 tokens at width 96 (no attention), then 4×4 at width 192 with attention to the text.
-  ControlNet: four strided convolutions on the Canny map into Stage C's first and last ResBlocks. LoRA: rank 4 on Stage C's attention, plus the new token's embedding.
+  ControlNet: four strided convolutions on the Canny map into Stage C's first and last ResBlocks. LoRA: rank 4
+  on Stage C's attention, plus the new token's embedding.
 - Weights are stored as fp16 (the mapper fp32) and run in fp32 on the CPU.
 
 ## Training

@@ -79,15 +79,14 @@ def _cast_inputs(inputs, dtype):
 
 
 class _InDtype(torch.nn.Module):
-    """Runs a model in its own dtype while the sampler keeps fp32 latents (bf16 weights need no autocast)."""
+    """Runs a model in its own (non-fp32) dtype while the sampler keeps fp32 latents (bf16 weights need no
+    autocast); fp32 models are called directly."""
 
     def __init__(self, model, dtype):
         super().__init__()
         self.model, self.dtype = model, dtype
 
     def forward(self, x, r, **kwargs):
-        if self.dtype == torch.float32:
-            return self.model(x, r, **kwargs)
         return self.model(x.to(self.dtype), r.to(self.dtype), **kwargs).float()
 
 

@@ -8,8 +8,9 @@ scenes then give 8×8×16 latents, and a decoder redraws a 23-pixel shape from t
 latents: shape 90%, shape colour 70%, position 100%), where 4×4 ones kept little of it (68%, 47%, 96%).
 
 Only the mapper is trained and saved. The frozen backbone is left out of `state_dict()` and filled from the
-package's file when a state dict is loaded: a demo checkpoint holds 16·1280 weights and the BN statistics, and
-`core.weights.load_model` (which builds the model on the meta device) still ends with every tensor real.
+package's file when a state dict is loaded: a checkpoint holds the mapper (16·1280 weights, 16·112 at stride 16)
+and its BN statistics, and `core.weights.load_model` (which builds the model on the meta device) still ends with
+every tensor real.
 """
 import torch
 from torch import nn

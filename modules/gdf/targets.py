@@ -7,15 +7,15 @@ a and b are tensors (training: one per sample) or numbers (`GDF.sample`: one per
 import torch
 
 
-def combine(x, cx, y, cy):
-    """cx·x + cy·y. With numbers (the sampling loop's) it is one multiply and one fused add: two tensor ops."""
-    if isinstance(cx, float) and isinstance(cy, float):
-        return torch.add(x * cx, y, alpha=cy)
-    return cx * x + cy * y
-
-
 def _numbers(*values):
     return all(isinstance(v, float) for v in values)
+
+
+def combine(x, cx, y, cy):
+    """cx·x + cy·y. With numbers (the sampling loop's) it is one multiply and one fused add: two tensor ops."""
+    if _numbers(cx, cy):
+        return torch.add(x * cx, y, alpha=cy)
+    return cx * x + cy * y
 
 
 class EpsilonTarget:
