@@ -71,8 +71,10 @@ def inputs(kind, model, batch, size, device, dtype):
 
 
 def call_diffusers(twin, kind, x):
-    """diffusers' argument order: (sample, timestep_ratio, clip_text_pooled, ...)."""
+    """diffusers' argument order: (sample, timestep_ratio, clip_text_pooled, ...). Its timestep embedding keeps the
+    ratio's dtype, so the ratio is given in the model's dtype, as diffusers' own pipelines do."""
     x = dict(x)
+    x["r"] = x["r"].to(x["x"].dtype)
     if kind == "stage_c":
         return twin(x.pop("x"), x.pop("r"), x.pop("clip_text_pooled"), clip_text=x.pop("clip_text"),
                     clip_img=x.pop("clip_img")).sample

@@ -117,11 +117,16 @@ def main():
         print(json.dumps(measure(args.one[0], args.one[1] == "1", args.steps, args.seconds, args.device)))
         return
     parts = []
+    # the child imports this project from ROOT, and whatever else from where the parent found it (a GPU machine's
+    # carried wheels sit on PYTHONPATH)
+    child_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     for size in SIZES:
         for checkpointing in (False, True):
             done = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--seconds",
                                    str(args.seconds), "--device", args.device, "--one", size, str(int(checkpointing))],
-                                  capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": ROOT})
+                                  capture_output=True, text=True, env=child_env)
+            if done.returncode:
+                sys.exit(f"{size}, checkpointing {checkpointing}: the step failed:\n{done.stderr[-4000:]}")
             r = json.loads(done.stdout.strip().splitlines()[-1])
             _, _, side, batch_size = SIZES[size]
             label = f"{size} ({r['params_m']:.1f}M, {side}×{side} latents, batch {batch_size})"
