@@ -9,8 +9,8 @@ Run by hand, not in CI: `python benchmarks/pipeline.py [--preset lite|tiny] [--s
 (C: 20 steps, CFG 4; B: 10 steps, CFG 1.1; diffusers' decoder is given guidance 1.1 too, as its default 0 would
 skip CFG). diffusers' Paella VQ decoder has random weights of Stage A's architecture (same cost, not the same
 values). The loop overhead is also measured at the demo model's size (`--preset demo`: the shipped models/demo
-cascade at 128², ours only) when it is there, else at the tiny preset. Prints a table and appends a row to
-RESULTS.md.
+cascade at 128², ours only) when it is there, else at the tiny preset at the same size. Prints a table and appends
+a row to RESULTS.md.
 """
 import argparse
 import json
@@ -210,9 +210,10 @@ def main(argv=None):
                      f"{rows[-1][7]}")
     wall = {side: statistics.median(r["wall"] for r in rs) for side, rs in runs.items()}
     ratio = wall["ours"] / wall["diffusers"] if "diffusers" in wall else float("nan")
-    # the loop overhead at the demo model's size (its real weights) when shipped, else at the tiny preset
-    small, small_size = ("demo", 128) if os.path.exists(DEMO_WEIGHTS) else ("tiny", 256)
-    tiny = runs["ours"][0] if args.preset == small else child(
+    # the loop overhead at the demo model's size (its real weights, 128²) when shipped, else at the tiny preset at this
+    # run's size (at 256² its Stage C works on 6×6 latents, where a step is mostly dispatch: 5-6% there)
+    small, small_size = ("demo", 128) if os.path.exists(DEMO_WEIGHTS) else ("tiny", args.size)
+    tiny = runs["ours"][0] if (args.preset, args.size) == (small, small_size) else child(
         "ours", argparse.Namespace(**{**vars(args), "preset": small, "size": small_size, "steps_c": 20,
                                       "steps_b": 10, "warmup": True}))
     per, step = overhead(tiny)
