@@ -87,12 +87,9 @@ def stage_b():
 
 
 def _write_cache(name, script, folder):
-    """The trainer's `--write-cache` into a temporary folder, renamed when complete (a killed run starts over)."""
-    tmp = folder + ".tmp"
-    shutil.rmtree(os.path.join(REPO, tmp), ignore_errors=True)
-    _run([os.path.join("train", script), _config(name), "--write-cache", tmp])
+    """The trainer's `--write-cache`, which writes the folder whole or not at all (a killed run starts over)."""
     shutil.rmtree(os.path.join(REPO, folder), ignore_errors=True)
-    os.replace(os.path.join(REPO, tmp), os.path.join(REPO, folder))
+    _run([os.path.join("train", script), _config(name), "--write-cache", folder])
 
 
 def stage_cache_b():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from core.conditioning import encode_text
+from core.config import ConfigError
 from core.data import build_cached_dataloader, build_dataloader
 from core.weights import load_model, load_state_dict_file
 from tests.test_train_stages import ROOT, TINY_B, TINY_C, assets, settings  # noqa: F401 (fixture)
@@ -49,6 +50,37 @@ def test_cached_batches_train_exactly_like_image_batches(assets, tmp_path):  # n
         with torch.no_grad():
             losses.append(core.forward_pass(batch, extras, models)[0])
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+def test_write_cache_writes_the_folder_whole_or_not_at_all(assets, tmp_path, monkeypatch):  # noqa: F811
+    core = WurstCoreC(config_file_path=TINY_C, overrides=settings(assets, tmp_path, batch_size=8))
+    cache, partial = tmp_path / "cache", tmp_path / "cache.incomplete"
+    encode, batches = WurstCoreC.cache_tensors, []
+
+    def killed_at_the_third_batch(self, batch, models):
+        batches.append(len(batch["captions"]))
+        if len(batches) == 3:
+            raise RuntimeError("killed")
+        return encode(self, batch, models)
+    monkeypatch.setattr(WurstCoreC, "cache_tensors", killed_at_the_third_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        core.write_cache(str(cache), maxcount=8)
+    assert not cache.exists()  # nothing that training could read as a complete cache
+    assert len(os.listdir(partial)) == 2  # the shards of the two finished batches, under the temporary name
+    monkeypatch.undo()
+
+    shards = core.write_cache(str(cache), maxcount=8)  # a rerun starts over and completes
+    assert not partial.exists()
+    assert [os.path.basename(p) for p in shards] == sorted(os.listdir(cache)) and len(shards) == 4
+    assert all(os.path.dirname(p) == str(cache) for p in shards)
+    with pytest.raises(ConfigError, match="already holds files"):  # a cache is never added to
+        core.write_cache(str(cache))
+
+    script = os.path.join(ROOT, "train", "train_c.py")  # the command line says so in one line
+    done = subprocess.run([sys.executable, script, TINY_C, *settings(assets, tmp_path), "--write-cache", str(cache)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "already holds files" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_cached_caption_dropout_gives_the_empty_caption_embedding(assets, tmp_path):  # noqa: F811

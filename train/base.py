@@ -4,6 +4,8 @@ import argparse
 import copy
 import dataclasses
 import os
+import shutil
+import sys
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -148,13 +150,25 @@ class DataCore(WarpCore):
     @torch.no_grad()
     def write_cache(self, out_dir, maxcount=1000) -> list:
         """One pass over `webdataset_path` (no shuffling, no caption dropout, every sample) through the frozen
-        encoders into shards under `out_dir`; point `cached_webdataset_path` at them. Returns the shard paths."""
+        encoders into shards under `out_dir`; point `cached_webdataset_path` at them. Returns the shard paths.
+
+        The shards are written into `out_dir.incomplete` and that folder is renamed to `out_dir` when the pass is
+        complete, so a killed run never leaves a folder of partial shards that training would read as the cache.
+        """
         from core.data import cache_to_shards
+        out_dir = os.path.normpath(out_dir)
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            raise ConfigError(f"--write-cache {out_dir}: that folder already holds files; remove it or name a new one "
+                              "(a cache is written whole, never added to)")
+        tmp = out_dir + ".incomplete"
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
         models = self.setup_models(self.setup_extras_pre())
         loader = self.image_loader(self.config.micro_batch_size(1), shuffle_buffer=0, drop_last=False)
-        os.makedirs(out_dir, exist_ok=True)
-        return cache_to_shards(loader.iter_epoch(), lambda batch: self.cache_tensors(batch, models),
-                               os.path.join(out_dir, "shard-%06d.tar"), maxcount)
+        os.makedirs(tmp)
+        paths = cache_to_shards(loader.iter_epoch(), lambda batch: self.cache_tensors(batch, models),
+                                os.path.join(tmp, "shard-%06d.tar"), maxcount)
+        os.replace(tmp, out_dir)  # rename(2) also replaces an empty folder
+        return [os.path.join(out_dir, os.path.basename(p)) for p in paths]
 
 
 class TrainingCore(DataCore):
@@ -331,9 +345,12 @@ def main(core_class, argv=None):
                         "webdataset_path and write their outputs as shards to DIR (then train with "
                         "cached_webdataset_path=DIR)")
     args = parser.parse_args(argv)
-    core = core_class(config_file_path=args.config, overrides=args.overrides)
-    if args.write_cache:
-        paths = core.write_cache(args.write_cache)
-        print(f"wrote {len(paths)} cache shard(s) to {args.write_cache}")
-        return
-    core()
+    try:
+        core = core_class(config_file_path=args.config, overrides=args.overrides)
+        if args.write_cache:
+            paths = core.write_cache(args.write_cache)
+            print(f"wrote {len(paths)} cache shard(s) to {args.write_cache}")
+            return
+        core()
+    except ConfigError as e:  # a setting to fix, said in one line rather than under a traceback
+        sys.exit(f"{os.path.basename(sys.argv[0])}: {e}")
