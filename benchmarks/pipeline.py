@@ -30,8 +30,8 @@ HERE = os.path.abspath(__file__)
 PRESETS = {"lite": {"stage_c": "1B", "stage_b": "700M", "stage_a": "default", "clip": (1280, 1280, 20)},
            "tiny": {"stage_c": "tiny", "stage_b": "tiny", "stage_a": "tiny", "clip": (32, 24, 2)}}
 STAGES = ("text", "C", "B", "A")
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(HERE)), "configs", "inference", "demo.yaml")
-DEMO_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "models", "demo", "stage_c.safetensors")
+DEMO_CONFIG = os.path.join(common.ROOT, "configs", "inference", "demo.yaml")
+DEMO_WEIGHTS = os.path.join(common.ROOT, "models", "demo", "stage_c.safetensors")
 
 
 class Timeline:

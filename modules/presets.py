@@ -73,7 +73,7 @@ PRESETS = {
     },
     # EfficientNetV2-S has no width knobs; at 64 px it already runs in a fraction of a second.
     "effnet": {"default": {}, "tiny": {}},
-    # The demo's reads Lite0's stride-16 features: 8×8×16 latents for its 128² scenes (see modules/effnet_lite.py);
+    # The demo's encoder reads Lite0's stride-16 features: 8×8×16 latents for its 128² scenes (see modules/effnet_lite.py);
     # demo_stride8 its stride-8 ones (16×16×16), from which a plain decoder draws the shapes' outlines
     "effnet_lite0": {"default": {}, "demo": dict(feature_stride=16), "demo_stride8": dict(feature_stride=8)},
     "previewer": {

@@ -10,6 +10,7 @@ import torch
 from core.conditioning import encode_text
 from core.config import ConfigError
 from core.data import build_cached_dataloader, build_dataloader
+from core.distributed import DistEnv
 from core.weights import load_model, load_state_dict_file
 from tests.test_train_stages import ROOT, TINY_B, TINY_C, assets, settings  # noqa: F401 (fixture)
 from train import WurstCoreB, WurstCoreC
@@ -121,6 +122,16 @@ def test_stage_b_trains_the_effnet_mapper_and_saves_it(assets, tmp_path):  # noq
     assert not torch.equal(old["mapper.1.running_mean"], new["mapper.1.running_mean"])  # its BatchNorm too
     frozen = [k for k in old if k.startswith("backbone.")]
     assert frozen and all(torch.equal(old[k], new[k]) for k in frozen)  # the backbone did not move
+
+
+def test_stage_b_trains_the_mapper_in_one_process_only(assets, tmp_path):  # noqa: F811
+    core = WurstCoreB(config_file_path=TINY_B, overrides=settings(assets, tmp_path, train_effnet_mapper="true"))
+    models = core.setup_models(core.setup_extras_pre())
+    assert models.effnet.mapper[0].weight.requires_grad and not any(
+        p.requires_grad for n, p in models.effnet.named_parameters() if not n.startswith("mapper."))
+    core.env = DistEnv(rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="train_effnet_mapper runs in one process"):
+        core.setup_models(core.setup_extras_pre())
 
 
 def test_stage_b_cached_features_train_exactly_like_image_batches(assets, tmp_path):  # noqa: F811

@@ -12,6 +12,7 @@ import torch
 
 from core.conditioning import effnet_preprocess
 from core.config import ConfigError
+from core.distributed import DistEnv
 from core.metrics import read_log
 from core.weights import load_model, read_metadata, save_model
 from demo.make_dataset import write_shards
@@ -49,8 +50,8 @@ def data(tmp_path_factory):
 
 def settings(data, tmp_path, **changes):
     base = {"webdataset_path": data.shards, "effnet_checkpoint_path": data.effnet, "train_effnet_mapper": False,
-            "image_size": SIZE, "effnet_scale": 1.0, "checkpoint_path": str(tmp_path / "ck"), "output_path": str(tmp_path / "out"),
-            "num_workers": 0, "sample_every": 0}
+            "image_size": SIZE, "effnet_scale": 1.0, "checkpoint_path": str(tmp_path / "ck"),
+            "output_path": str(tmp_path / "out"), "num_workers": 0, "sample_every": 0}
     return [f"{k}={v}" for k, v in {**base, **changes}.items()]
 
 
@@ -144,6 +145,15 @@ def test_training_the_mapper_with_the_previewer_saves_both(data, tmp_path):
         assert torch.equal(tensor, package[name]), name
     log = read_log(tmp_path / "out" / "demo_previewer" / "log.txt")
     assert log[30]["mse"] < log[1]["mse"]
+
+
+def test_a_mapper_trains_in_one_process_only(data, tmp_path):
+    """Nothing synchronises the mapper across ranks: with several processes, setting up the models refuses."""
+    core = WurstCorePreviewer(config_file_path=DEMO, overrides=settings(data, tmp_path, train_effnet_mapper=True))
+    assert core.setup_models(core.setup_extras_pre()).effnet.mapper[0].weight.requires_grad
+    core.env = DistEnv(rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="train_effnet_mapper runs in one process"):
+        core.setup_models(core.setup_extras_pre())
 
 
 def test_config_checks(data, tmp_path):

@@ -147,6 +147,17 @@ class DataCore(WarpCore):
         """{name: B×...} for CACHED_TENSORS from an image batch: what the frozen encoders make of it."""
         raise NotImplementedError(f"{type(self).__name__} has no cached training mode")
 
+    def unfreeze_mapper(self, effnet):
+        """`train_effnet_mapper` (Stage B's and the Previewer's setting): the encoder's mapper learns with the model
+        while its backbone stays frozen; in one process only, as nothing synchronises the mapper across ranks."""
+        if not self.config.train_effnet_mapper:
+            return effnet
+        if self.env.is_distributed:
+            raise ConfigError("train_effnet_mapper runs in one process (the mapper is not synchronised across ranks)")
+        if self.config.training:
+            effnet.mapper.requires_grad_(True)
+        return effnet
+
     @torch.no_grad()
     def write_cache(self, out_dir, maxcount=1000) -> list:
         """One pass over `webdataset_path` (no shuffling, no caption dropout, every sample) through the frozen

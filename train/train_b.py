@@ -80,11 +80,8 @@ class WurstCoreB(TrainingCore):
     def setup_models(self, extras, skip_clip=False):
         """`skip_clip` (upstream's notebook habit): leave the text encoder out, to share Stage C's."""
         cfg = self.config
-        if cfg.train_effnet_mapper and self.env.is_distributed:
-            raise ConfigError("train_effnet_mapper runs in one process (the mapper is not synchronised across ranks)")
-        effnet = self.load_frozen(cfg.effnet_model, cfg.effnet_checkpoint_path, fresh_ok=cfg.train_effnet_mapper)
-        if cfg.train_effnet_mapper and cfg.training:
-            effnet.mapper.requires_grad_(True)
+        effnet = self.unfreeze_mapper(self.load_frozen(cfg.effnet_model, cfg.effnet_checkpoint_path,
+                                                       fresh_ok=cfg.train_effnet_mapper))
         stage_a = self.load_frozen("stage_a", cfg.stage_a_checkpoint_path)
         generator, generator_ema = self.setup_generator("stage_b")
         tokenizer, text_model = (None, None) if skip_clip else self.setup_text_model()

@@ -112,15 +112,11 @@ class WurstCorePreviewer(DataCore):
 
     def setup_models(self, extras):
         cfg = self.config
-        if cfg.train_effnet_mapper and self.env.is_distributed:
-            raise ConfigError("train_effnet_mapper runs in one process (the mapper is not synchronised across ranks)")
         if cfg.effnet_checkpoint_path is None:
             effnet = build_model(cfg.effnet_model, cfg.effnet_preset)
         else:
             effnet = load_encoder(cfg.effnet_checkpoint_path, self.dtype())
-        effnet = effnet.to(self.device, self.dtype()).eval().requires_grad_(False)
-        if cfg.train_effnet_mapper and cfg.training:
-            effnet.mapper.requires_grad_(True)
+        effnet = self.unfreeze_mapper(effnet.to(self.device, self.dtype()).eval().requires_grad_(False))
         if cfg.generator_checkpoint_path is not None:
             generator = load_model(cfg.generator_checkpoint_path, kind="previewer", preset=cfg.model_version,
                                    kwargs=cfg.model_kwargs or {}, dtype=self.dtype())
