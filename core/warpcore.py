@@ -8,6 +8,7 @@ non-finite losses or gradients, checkpoints, sample grids and logs. Hooks a task
 `sample`, `trained_models`, `training_states`, `update_metrics`, `data_metrics`, `checkpoint_metadata`.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -46,6 +47,9 @@ class TrainingConfig(Config):
     grad_accum_steps: int = EXPECTED_TRAIN
     updates: int = EXPECTED_TRAIN
     warmup_updates: int = EXPECTED_TRAIN  # linear warm-up from 0 (warmup-scheduler's GradualWarmupScheduler)
+    # after the warm-up: 'constant' (upstream's) or 'cosine', a half cosine from `lr` down to 0 at `updates`; short
+    # runs (the demo's) end sharper when the step size shrinks than when an EMA averages a constant one
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass
     sample_every: Optional[int] = None  # updates between sample grids; None: with every checkpoint; 0: never
 
@@ -63,6 +67,14 @@ class TrainingConfig(Config):
             raise ConfigError(f"batch_size {self.batch_size} does not split into {world_size} process(es) x "
                               f"{self.grad_accum_steps} accumulation step(s)")
         return per
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The factor on `lr` before update `step` + 1: step/warmup during the warm-up (as GradualWarmupScheduler),
+    then a half cosine that reaches 0 after update `total`."""
+    if step < warmup:
+        return step / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
 
 
 class Bag:
@@ -151,8 +163,15 @@ class WarpCore:
             for name in self.trained_models()})
 
     def setup_schedulers(self, extras, models, optimizers):
-        """Linear warm-up over `warmup_updates` for each optimizer (none when 0)."""
+        """Linear warm-up over `warmup_updates` for each optimizer (none when 0 and the schedule is constant), then
+        the `lr_schedule`."""
         from warmup_scheduler import GradualWarmupScheduler
+        cfg = self.config
+        if cfg.lr_schedule == "cosine":
+            return self.Schedulers(**{
+                name: torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
+                    warmup_cosine, warmup=cfg.warmup_updates, total=cfg.updates))
+                for name, opt in optimizers.to_dict().items() if opt is not None})
         if self.config.warmup_updates == 0:
             return self.Schedulers()
         return self.Schedulers(**{

@@ -2,6 +2,7 @@
 resuming, activation checkpointing, wandb and launcher detection."""
 import copy
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -160,6 +161,30 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
     for k, v in straight.models.generator_ema.state_dict().items():
         assert torch.equal(resumed.models.generator_ema.state_dict()[k], v)
     assert "resumed from" in (tmp_path / "b" / "out" / "toy" / "log.txt").read_text()
+
+
+def test_cosine_schedule_warms_up_decays_to_zero_and_resumes_exactly(tmp_path):
+    """lr_schedule: cosine — the logged lr of update k is lr·k/w during the warm-up, then lr·½(1+cos(π(k-w)/(n-w))),
+    0 at the last update; a run killed mid-way and resumed follows it exactly (the decay keeps its total)."""
+    settings = dict(updates=8, warmup_updates=2, save_every=2, lr_schedule="cosine")
+    straight = run(tmp_path / "a", **settings)
+    log = read_log(tmp_path / "a" / "out" / "toy" / "log.txt")
+    expected = [0.0, 0.5] + [0.5 * (1 + math.cos(math.pi * (k - 2) / 6)) for k in range(2, 8)]
+    assert [log[k]["lr"] for k in range(1, 9)] == pytest.approx([1e-2 * f for f in expected], rel=1e-6, abs=1e-12)
+
+    class KilledAt5(ToyCore):  # dies during update 5; the last checkpoint holds update 4
+        def forward_pass(self, batch, extras, models):
+            if self.info.total_steps == 4:
+                raise KeyboardInterrupt
+            return super().forward_pass(batch, extras, models)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", KilledAt5, **settings)
+    resumed = run(tmp_path / "b", **settings)
+    resumed_log = read_log(tmp_path / "b" / "out" / "toy" / "log.txt")
+    assert [resumed_log[k]["lr"] for k in range(5, 9)] == [log[k]["lr"] for k in range(5, 9)]
+    for k, v in weights(straight).items():
+        assert torch.equal(weights(resumed)[k], v)
 
 
 def test_a_checkpoint_interrupted_while_written_is_never_used(tmp_path):
