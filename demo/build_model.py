@@ -27,7 +27,7 @@ DATA = os.path.join(WORK, "data")
 CACHE_B = os.path.join(WORK, "cache_b")
 CACHE_C = os.path.join(WORK, "cache_c")
 LOG = os.path.join(OUT, "build_log.json")
-NUM_TRAIN, NUM_HELDOUT, NUM_ZORB, IMAGE_SIZE = 20000, 300, 2000, 128
+NUM_TRAIN, NUM_HELDOUT, NUM_ZORB, IMAGE_SIZE = 12000, 300, 2000, 128
 
 
 def _run(args):

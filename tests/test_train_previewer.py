@@ -119,7 +119,7 @@ def test_effnet_input_is_the_scaled_image_in_multiples_of_32():
 
 
 def test_training_the_mapper_with_the_previewer_saves_both(data, tmp_path):
-    """The demo's set-up: a new stride-16 mapper on the package backbone learns with the Previewer; the saved
+    """The demo's set-up: a new stride-8 mapper on the package backbone learns with the Previewer; the saved
     mapper file rebuilds the trainer's latents, and the backbone never moves."""
     overrides = settings(data, tmp_path, effnet_checkpoint_path="null", train_effnet_mapper=True,
                          effnet_preset="demo", updates=30, save_every=30, batch_size=8, lr=3e-3, warmup_updates=0)
@@ -132,12 +132,12 @@ def test_training_the_mapper_with_the_previewer_saves_both(data, tmp_path):
     assert (meta["kind"], meta["preset"]) == ("effnet_lite0", "demo")
     saved = load_model(step / "effnet.safetensors")
     trained = core.models.effnet.eval()
-    assert saved.feature_stride == 16 and not torch.equal(saved.mapper[0].weight, initial_mapper)
+    assert saved.feature_stride == 8 and not torch.equal(saved.mapper[0].weight, initial_mapper)
     x = effnet_preprocess(data.images[:4])
     with torch.no_grad():
         latents = saved(x)
         torch.testing.assert_close(latents, trained(x), rtol=1e-5, atol=1e-5)
-    assert latents.shape == (4, 16, SIZE // 16, SIZE // 16)
+    assert latents.shape == (4, 16, SIZE // 8, SIZE // 8)
     fresh = build_model("effnet_lite0", "demo")  # the package's backbone, untouched by training
     ours, package = _tensors(trained.backbone), _tensors(fresh.backbone)  # (state_dict() leaves the backbone out)
     assert len(ours) > 100 and ours.keys() == package.keys()
