@@ -1,5 +1,6 @@
 """Stage B and C trainers on tiny configs and made-up shards: learning, accumulation, DDP/FSDP under torchrun,
 kill -9 and resume, bad data, pyramid noise, and upstream's notebook API."""
+import math
 import os
 import random
 import signal
@@ -122,6 +123,28 @@ def test_stage_c_learns_and_writes_sample_grids(assets, tmp_path):
     grid = PIL.Image.open(tmp_path / "out" / "tiny_c" / "000020.jpg")
     # rows: images, noised, one-step predictions, samples; 2 images of the previewer's 16 px (2×2 latents × 8)
     assert grid.size == (2 * 16, 4 * 16)
+
+
+def test_train_shift_moves_the_training_noise_levels_by_the_closed_form(assets, tmp_path):
+    """train_shift s: a sample drawn at t trains at logSNR(t) - 2·log s (GDF's shift, as at sampling), while its
+    loss weight stays that of the unshifted level."""
+    seen = {}
+    for shift in (1.0, 4.0):
+        core = WurstCoreC(config_file_path=TINY_C, overrides=settings(assets, tmp_path, train_shift=shift,
+                                                                       loss_weight="p2"))
+        extras = core.setup_extras_pre()
+        models = core.setup_models(extras)
+        batch = next(iter(core.setup_data(extras).dataloader))
+
+        def record(module, args, shift=shift):  # the noise condition the generator is called with
+            seen[shift] = args[1]
+        models.generator.register_forward_pre_hook(record)
+        core.info.iter = 7  # the same per-sample draws of t in both runs
+        core.forward_pass(batch, extras, models)
+    # the noise condition is the cosine schedule's inverse: r = t of the unshifted run
+    logSNR = extras.gdf.schedule(seen[1.0]) - 2 * math.log(4.0)
+    torch.testing.assert_close(seen[4.0], extras.gdf.noise_cond(logSNR))
+    assert (seen[4.0] > seen[1.0]).all()  # noisier: r grows with the noise level
 
 
 def test_accumulating_two_half_batches_equals_one_full_batch_also_with_checkpointing(assets, tmp_path):

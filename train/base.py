@@ -204,6 +204,10 @@ class TrainingCore(DataCore):
         # matter most; with `gdf_target: v`, constant weights weigh x0 errors by 1/b²: every noise level counts.
         loss_weight: Literal["p2", "constant"] = "p2"
         gdf_target: Literal["epsilon", "v", "x0"] = "epsilon"  # what the generator predicts
+        # Training noise-schedule shift (GDF's `shift`, as at sampling): logSNR - 2·log(shift), so more updates at
+        # high noise, where the layout is decided; the loss weight stays that of the unshifted level. Larger latent
+        # grids keep their layout at a given noise level longer and need it (upstream samples 24×24 with shift 2).
+        train_shift: float = 1.0
         sampling_configs: Optional[dict] = None  # overrides of the trainer's sampling settings for sample grids
         sample_batch_size: int = 4  # images per sample grid
 
@@ -304,7 +308,8 @@ class TrainingCore(DataCore):
             epsilon = self.noise(latents, generators)
             t = torch.cat([torch.rand(1, generator=g) for g in generators])
             noised, _, target, logSNR, noise_cond, loss_weight = extras.gdf.diffuse(
-                latents, epsilon=epsilon, t=t, generator=generators)
+                latents, epsilon=epsilon, t=t, shift=self.config.train_shift, loss_shift=self.config.train_shift,
+                generator=generators)
         pred = models.generator(noised, noise_cond, **conditions)
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
         loss_adjusted = (loss * loss_weight).mean() / self.config.grad_accum_steps
