@@ -22,6 +22,14 @@ class UpDownBlock2d(nn.Module):
         return self.blocks(x)
 
 
+def coordinate_grid(x):
+    """1, 2, H, W: each position's row and column of x's grid, from -1 (top, left) to 1 (bottom, right)."""
+    h, w = x.shape[-2:]
+    rows = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+    columns = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+    return torch.stack(torch.meshgrid(rows, columns, indexing="ij"))[None]
+
+
 class StageC(CascadeUNet):
     """Text tokens, pooled text and image embeddings become c_cond tokens for the attention blocks; the noise
     level r and t_conds (sca, crp) drive the timestep blocks; optional ControlNet residuals are added before
@@ -30,9 +38,13 @@ class StageC(CascadeUNet):
     def __init__(self, c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=2048, c_hidden=[2048, 2048], nhead=[32, 32],
                  blocks=[[8, 24], [24, 8]], block_repeat=[[1, 1], [1, 1]], level_config=['CTA', 'CTA'],
                  c_clip_text=1280, c_clip_text_pooled=1280, c_clip_img=768, c_clip_seq=4, kernel_size=3,
-                 dropout=[0.1, 0.1], self_attn=True, t_conds=['sca', 'crp'], switch_level=[False]):
+                 dropout=[0.1, 0.1], self_attn=True, t_conds=['sca', 'crp'], switch_level=[False],
+                 coord_embedding=False):
         super().__init__(c_r, t_conds, c_clip_seq)
         self.switch_level = switch_level
+        # Not in the released models: a 1×1 conv of each latent's (y, x) in [-1, 1], added to the input embedding,
+        # so that a small model trained briefly can tie "top left" to a place (otherwise only padding tells it)
+        self.coord_embedding = nn.Conv2d(2, c_hidden[0], kernel_size=1) if coord_embedding else None
         self.clip_txt_mapper = nn.Linear(c_clip_text, c_cond)
         self.clip_txt_pooled_mapper = nn.Linear(c_clip_text_pooled, c_cond * c_clip_seq)
         self.clip_img_mapper = nn.Linear(c_clip_img, c_cond * c_clip_seq)
@@ -60,5 +72,8 @@ class StageC(CascadeUNet):
         clip = self.gen_c_embeddings(clip_text.to(dtype), clip_text_pooled.to(dtype), clip_img.to(dtype))
         ctx = self._context(r, kwargs, clip, dtype)
         controls = iter(cnet) if cnet is not None else None
-        level_outputs = self._down_encode(self.embedding(x.to(dtype)), ctx, controls)
+        h = self.embedding(x.to(dtype))
+        if self.coord_embedding is not None:
+            h = h + self.coord_embedding(coordinate_grid(h))
+        level_outputs = self._down_encode(h, ctx, controls)
         return self.clf(self._up_decode(level_outputs, ctx, controls))

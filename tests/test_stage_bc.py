@@ -226,6 +226,35 @@ def test_pooled_embeddings_may_be_2d():
         assert torch.equal(model(**inputs), model(**dict(inputs, clip=inputs["clip"][:, 0])))
 
 
+def test_coordinate_embedding_adds_each_latents_place_to_the_input_embedding():
+    """coord_embedding (the demo's, off in the released models): the grid runs from -1 at the top/left to 1 at the
+    bottom/right; with its conv zeroed the model is exactly the one without it, and with its weights set the output
+    equals a plain model fed the embedding plus W·(y, x) + b."""
+    from modules.stage_c import coordinate_grid
+    grid = coordinate_grid(torch.zeros(1, 5, 3, 4))
+    assert grid.shape == (1, 2, 3, 4)
+    torch.testing.assert_close(grid[0, 0, :, 0], torch.tensor([-1.0, 0.0, 1.0]))
+    torch.testing.assert_close(grid[0, 1, 0], torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))
+    kw = SMALL_C[0]
+    plain = randomise(StageC(**kw))
+    placed = StageC(**kw, coord_embedding=True).eval()
+    assert "coord_embedding" not in str(list(plain.state_dict()))  # the released layouts are unchanged
+    missing = placed.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["coord_embedding.bias", "coord_embedding.weight"]
+    inputs = stage_c_inputs(kw, 2, 6, 6)
+    with torch.no_grad():
+        placed.coord_embedding.weight.zero_(), placed.coord_embedding.bias.zero_()
+        assert torch.equal(placed(**inputs), plain(**inputs))
+        placed.coord_embedding.weight.normal_(), placed.coord_embedding.bias.normal_()
+        added = []
+        hook = plain.embedding.register_forward_hook(
+            lambda module, args, out: added.append(out) or out + placed.coord_embedding(coordinate_grid(out)))
+        expected = plain(**inputs)
+        hook.remove()
+        torch.testing.assert_close(placed(**inputs), expected)
+        assert not torch.allclose(expected, plain(**inputs))
+
+
 def test_controlnet_residuals_match_diffusers_with_hooks():
     """cnet[i] is added (bilinear, align_corners=True, resized) to the input of the i-th ResBlock call, counting
     down then up path and every repeat; None skips a block, a short list leaves the rest alone."""
