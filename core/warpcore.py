@@ -172,10 +172,10 @@ class WarpCore:
                 name: torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
                     warmup_cosine, warmup=cfg.warmup_updates, total=cfg.updates))
                 for name, opt in optimizers.to_dict().items() if opt is not None})
-        if self.config.warmup_updates == 0:
+        if cfg.warmup_updates == 0:
             return self.Schedulers()
         return self.Schedulers(**{
-            name: GradualWarmupScheduler(opt, multiplier=1, total_epoch=self.config.warmup_updates)
+            name: GradualWarmupScheduler(opt, multiplier=1, total_epoch=cfg.warmup_updates)
             for name, opt in optimizers.to_dict().items() if opt is not None})
 
     def setup_extras_post(self, extras, models, optimizers, schedulers):

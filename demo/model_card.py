@@ -81,10 +81,9 @@ scenes.
   trained for the purpose redraws the right shape for under a third of the scenes, from stride 8 for 85%. The
   pooled Lite0 features (1280) are the image embedding for variations.
 - Stage A: VQGAN, 4× downsampling to 32×32×4 (`train/train_a.py`). Stage B: 2 levels (16×16 and 8×8 tokens).
-  Stage C: 3 levels, 16×16 and 8×8 tokens at widths 48 and 96 (no attention), then 4×4 at width 192 with
-  attention to the text. ControlNet: three strided convolutions on the Canny map into Stage C's first and last
-  ResBlocks (16×16). LoRA: rank 4
-  on Stage C's attention, plus the new token's embedding.
+  Stage C: 3 levels, 16×16, 8×8 and 4×4 tokens at widths 48, 96 and 192, each attending to the text.
+  ControlNet: three strided convolutions on the Canny map into Stage C's first and last ResBlocks (16×16).
+  LoRA: rank 4 on Stage C's attention, plus the new token's embedding.
 - Weights are stored as fp16 (the mapper fp32) and run in fp32 on the CPU.
 
 ## Training
@@ -94,8 +93,8 @@ scenes.
 
 Total build: {total:.1f} minutes ({', '.join(f'{k} {v["seconds"] / 60:.1f}' for k, v in log.items())}), on
 {ev['machine']}, torch {ev['torch']}, {log.get('stage_b', {}).get('threads', '?')} threads. Stages B and C train from
-caches of the frozen encoders' outputs, each written once (`train/train_[bc].py ... --write-cache`); B and C use a
-cosine learning-rate schedule.
+caches of the frozen encoders' outputs, each written once (`train/train_[bc].py ... --write-cache`); B uses a
+cosine learning-rate schedule, C a training noise shift (`train_shift`).
 
 ## Evaluation ({ev['date']}, `python -m demo.evaluate_model`)
 Sampling: Stage C {c['steps']} steps, CFG {c['cfg']}, shift {c['shift']}; Stage B {b['steps']} steps, CFG {b['cfg']}.
