@@ -24,11 +24,13 @@ ZORB_TOKEN = "[zorb]"  # how captions name it
 # far apart in RGB (nearest pairs ~100 apart), so that a detector can name a colour by its nearest entry
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (40, 70, 220), "yellow": (240, 220, 40),
            "purple": (140, 50, 170), "orange": (250, 125, 10), "white": (245, 245, 245), "black": (20, 20, 20)}
-# the bounding box's longer side as a fraction of the image side, drawn uniformly from the range
-SIZES = {"small": (0.18, 0.21), "medium": (0.26, 0.30), "large": (0.34, 0.38)}
+# the bounding box's longer side as a fraction of the image side, drawn uniformly from the range. Even a small
+# shape spans 4-5 cells of the demo's 16×16 latents: at 3 cells (0.18-0.21) its Stage B redrew it right only 41% of
+# the time, and a 128² image has no room for finer detail anyway
+SIZES = {"small": (0.27, 0.30), "medium": (0.34, 0.37), "large": (0.41, 0.45)}
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
-CELL_CENTRES = (0.23, 0.5, 0.77)  # bounding-box centre per row/column, as image fractions; a large shape fits
-JITTER = 0.02  # ± around the cell centre
+CELL_CENTRES = (0.25, 0.5, 0.75)  # bounding-box centre per row/column, as image fractions; a large shape fits
+JITTER = 0.015  # ± around the cell centre
 TEXTURES = ("plain", "gradient", "noise")  # background brightness varies by at most ±15 levels
 SUPERSAMPLE = 4  # shapes are drawn at 4× and box-filtered down: anti-aliased edges
 HELD_OUT_FRACTION = 0.25
