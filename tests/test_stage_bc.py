@@ -226,10 +226,11 @@ def test_pooled_embeddings_may_be_2d():
         assert torch.equal(model(**inputs), model(**dict(inputs, clip=inputs["clip"][:, 0])))
 
 
-def test_coordinate_embedding_adds_each_latents_place_to_the_input_embedding():
-    """coord_embedding (the demo's, off in the released models): the grid runs from -1 at the top/left to 1 at the
-    bottom/right; with its conv zeroed the model is exactly the one without it, and with its weights set the output
-    equals a plain model fed the embedding plus W·(y, x) + b."""
+def test_layout_attention_adds_a_map_of_the_prompt_that_depends_on_the_place_alone():
+    """layout_attention (for the demo, off in the released models): the grid runs from -1 at the top/left to 1 at the
+    bottom/right; a new model is exactly the plain one (zero output projection); with its weights set, what it adds
+    to the input embedding is torch's own multi-head attention from MLP(y, x) queries to the mapped conditioning
+    tokens, whatever the latents."""
     from modules.stage_c import coordinate_grid
     grid = coordinate_grid(torch.zeros(1, 5, 3, 4))
     assert grid.shape == (1, 2, 3, 4)
@@ -237,22 +238,30 @@ def test_coordinate_embedding_adds_each_latents_place_to_the_input_embedding():
     torch.testing.assert_close(grid[0, 1, 0], torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))
     kw = SMALL_C[0]
     plain = randomise(StageC(**kw))
-    placed = StageC(**kw, coord_embedding=True).eval()
-    assert "coord_embedding" not in str(list(plain.state_dict()))  # the released layouts are unchanged
+    placed = StageC(**kw, layout_attention=2).eval()
+    assert not any(k.startswith("layout") for k in plain.state_dict())  # the released layouts are unchanged
     missing = placed.load_state_dict(plain.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == ["coord_embedding.bias", "coord_embedding.weight"]
+    assert missing and all(k.startswith("layout_attention.") for k in missing)
     inputs = stage_c_inputs(kw, 2, 6, 6)
     with torch.no_grad():
-        placed.coord_embedding.weight.zero_(), placed.coord_embedding.bias.zero_()
         assert torch.equal(placed(**inputs), plain(**inputs))
-        placed.coord_embedding.weight.normal_(), placed.coord_embedding.bias.normal_()
+        layout = placed.layout_attention
+        for p in layout.parameters():
+            p.normal_(0, 0.3)
         added = []
-        hook = plain.embedding.register_forward_hook(
-            lambda module, args, out: added.append(out) or out + placed.coord_embedding(coordinate_grid(out)))
-        expected = plain(**inputs)
+        hook = layout.register_forward_hook(lambda module, args, out: added.append(out))
+        placed(**inputs)
+        placed(**dict(inputs, x=torch.randn_like(inputs["x"])))
         hook.remove()
-        torch.testing.assert_close(placed(**inputs), expected)
-        assert not torch.allclose(expected, plain(**inputs))
+        torch.testing.assert_close(added[0], added[1])  # the latents do not enter it
+        clip = placed.gen_c_embeddings(inputs["clip_text"], inputs["clip_text_pooled"], inputs["clip_img"])
+        queries = layout.query(coordinate_grid(added[0]))  # 1, C, H, W
+        tokens = queries.flatten(2).transpose(1, 2).expand(2, -1, -1)  # B, HW, C
+        kv = layout.kv_mapper(clip)
+        expected, _ = layout.attention.attn(tokens, kv, kv, need_weights=False)
+        torch.testing.assert_close(added[0], expected.transpose(1, 2).unflatten(2, added[0].shape[-2:]))
+        assert not torch.allclose(added[0][0], added[0][1])  # two prompts, two maps
+        assert not torch.allclose(placed(**inputs), plain(**inputs))
 
 
 def test_controlnet_residuals_match_diffusers_with_hooks():
