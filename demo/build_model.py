@@ -7,7 +7,8 @@ and the model card.
 
 Each trainer is this project's own (`train/train_*.py` with `configs/training/demo_*.yaml`) and resumes from its
 last checkpoint when interrupted; a stage counts as done once its file is exported to models/demo/, so a killed
-build continues where it stopped. Exported weights are fp16 (the small encoder mapper stays fp32); work files go to
+build continues where it stopped. A stage redone with --from starts from nothing, and new data discards every cache
+and checkpoint made from the old data. Exported weights are fp16 (the small encoder mapper stays fp32); work files go to
 outputs/demo/. Wall times land in models/demo/build_log.json for the model card.
 """
 import argparse
@@ -39,12 +40,21 @@ def _config(name):
     return os.path.join("configs", "training", f"demo_{name}.yaml")
 
 
-def _final_checkpoint(name):
-    """The folder of the trainer's last update (from the config's checkpoint_path, experiment_id, updates)."""
+def _read_config(name):
     import yaml
     with open(os.path.join(REPO, _config(name))) as f:
-        cfg = yaml.safe_load(f)
-    path = os.path.join(REPO, cfg["checkpoint_path"], cfg["experiment_id"], f"step_{cfg['updates']:08d}")
+        return yaml.safe_load(f)
+
+
+def _run_folder(name):
+    """Where the trainer of `configs/training/demo_<name>.yaml` keeps its checkpoints (and resumes from)."""
+    cfg = _read_config(name)
+    return os.path.join(REPO, cfg["checkpoint_path"], cfg["experiment_id"])
+
+
+def _final_checkpoint(name):
+    """The folder of the trainer's last update (from the config's checkpoint_path, experiment_id, updates)."""
+    path = os.path.join(_run_folder(name), f"step_{_read_config(name)['updates']:08d}")
     if not os.path.isdir(path):
         raise RuntimeError(f"{path} is missing after training {name}: did the run stop early?")
     return path
@@ -145,6 +155,21 @@ STAGES = [
 ]
 
 
+# the training config of each stage that trains (its run folder is what a rerun would otherwise resume)
+TRAINED = {"stage_a": "a", "previewer": "previewer", "stage_b": "b", "stage_c": "c", "controlnet": "controlnet_canny",
+           "lora": "lora_zorb"}
+
+
+def discard_work(name):
+    """Before a stage runs from scratch, remove what it would otherwise pick up: a training stage's checkpoints
+    (its trainer resumes from them, so a redone stage would re-export the finished run), and for new data, every
+    cache and checkpoint made from the old data (a cache folder counts as done)."""
+    folders = [_run_folder(config) for config in TRAINED.values()] + [CACHE_B, CACHE_C] if name == "data" else \
+        [_run_folder(TRAINED[name])] if name in TRAINED else []
+    for folder in folders:
+        shutil.rmtree(os.path.join(REPO, folder), ignore_errors=True)
+
+
 def _done(name, product):
     if isinstance(product, tuple):  # a cache: done when written, or when the stage that reads it is
         exported, folder = product
@@ -167,6 +192,8 @@ def main(argv=None):
     for name, product, function in STAGES:
         if name in redo or not _done(name, product):
             print(f"[demo] stage {name}", flush=True)
+            if name in redo or name == "data":  # an interrupted stage keeps its checkpoints and resumes
+                discard_work(name)
             start = time.time()
             function()
             # a resumed stage adds its time to what the interrupted attempt spent (the log keeps both)
