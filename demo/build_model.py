@@ -46,15 +46,16 @@ def _read_config(name):
         return yaml.safe_load(f)
 
 
-def _run_folder(name):
+def _run_folder(name, cfg=None):
     """Where the trainer of `configs/training/demo_<name>.yaml` keeps its checkpoints (and resumes from)."""
-    cfg = _read_config(name)
+    cfg = cfg or _read_config(name)
     return os.path.join(REPO, cfg["checkpoint_path"], cfg["experiment_id"])
 
 
 def _final_checkpoint(name):
     """The folder of the trainer's last update (from the config's checkpoint_path, experiment_id, updates)."""
-    path = os.path.join(_run_folder(name), f"step_{_read_config(name)['updates']:08d}")
+    cfg = _read_config(name)
+    path = os.path.join(_run_folder(name, cfg), f"step_{cfg['updates']:08d}")
     if not os.path.isdir(path):
         raise RuntimeError(f"{path} is missing after training {name}: did the run stop early?")
     return path
@@ -164,8 +165,12 @@ def discard_work(name):
     """Before a stage runs from scratch, remove what it would otherwise pick up: a training stage's checkpoints
     (its trainer resumes from them, so a redone stage would re-export the finished run), and for new data, every
     cache and checkpoint made from the old data (a cache folder counts as done)."""
-    folders = [_run_folder(config) for config in TRAINED.values()] + [CACHE_B, CACHE_C] if name == "data" else \
-        [_run_folder(TRAINED[name])] if name in TRAINED else []
+    if name == "data":
+        folders = [_run_folder(config) for config in TRAINED.values()] + [CACHE_B, CACHE_C]
+    elif name in TRAINED:
+        folders = [_run_folder(TRAINED[name])]
+    else:
+        folders = []
     for folder in folders:
         shutil.rmtree(os.path.join(REPO, folder), ignore_errors=True)
 
