@@ -1,7 +1,8 @@
 """Samples/s and peak memory of a Stage C training step, at a small and a medium size, with and without
 activation checkpointing (gradient_checkpointing).
 
-Run by hand, not in CI: `python benchmarks/train_throughput.py [--steps 5] [--seconds 20] [--device cpu]`.
+Run by hand, not in CI: `python benchmarks/train_throughput.py [--steps 5] [--seconds 20] [--device cpu]
+[--sizes small medium demo]`.
 The step is the Stage C trainer's own (WurstCoreC.forward_pass: GDF noise, generator, weighted MSE; then backward,
 clipping, AdamW) on synthetic latents and conditions, so that data loading and the frozen encoders do not blur the
 generator's cost. Each configuration runs in a fresh process, so its peak memory is its own, and is timed for at
@@ -33,6 +34,7 @@ HEADER = "| date | benchmark | result | machine | CPU | torch |\n|---|---|---|--
 SIZES = {
     "small": ("tiny", {}, 8, 8),
     "medium": ("tiny", dict(c_cond=512, c_hidden=[512, 512], nhead=[8, 8], blocks=[[2, 6], [6, 2]]), 16, 4),
+    "demo": ("demo", {}, 16, 64),  # the demo cascade's Stage C as configs/training/demo_c.yaml trains it
 }
 
 
@@ -111,6 +113,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="timed steps, at least")
     parser.add_argument("--seconds", type=float, default=20, help="timed seconds per configuration, at least")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=["small", "medium"],
+                        help="what to measure (demo: on request)")
     parser.add_argument("--one", nargs=2, metavar=("SIZE", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # a child process: measure one configuration, print it as JSON
@@ -120,7 +124,7 @@ def main():
     # the child imports this project from ROOT, and whatever else from where the parent found it (a GPU machine's
     # carried wheels sit on PYTHONPATH)
     child_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    for size in SIZES:
+    for size in args.sizes:
         for checkpointing in (False, True):
             done = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--seconds",
                                    str(args.seconds), "--device", args.device, "--one", size, str(int(checkpointing))],

@@ -85,10 +85,11 @@ class GlobalResponseNorm(nn.Module):
 class ChannelMLP(nn.Sequential):
     """Linear, GELU, GRN, Dropout, Linear over the channels of a B, H, W, C map (keys channelwise.{0,2,4}).
 
-    Runs in blocks of rows (see _row_blocks): a first pass makes the 4×-wide hidden blocks and GRN's statistics,
-    a second normalises and projects them back. Blocks are rows of one sample, so each is contiguous: a block
-    across the batch is a strided view, which a Linear runs as a batched matmul at about half the speed (Stage C
-    1B's 2×24² maps, 2 threads: 214–305 ms against 130–141 ms per fc1)."""
+    Runs in blocks (see _row_blocks), each contiguous: a block across the batch would be a strided view, which a
+    Linear runs as a batched matmul at about half the speed (Stage C 1B's 2×24² maps, 2 threads: 214–305 ms
+    against 130–141 ms per fc1). With at most one block per sample, a block is whole samples (a training batch of
+    small maps: one GEMM per block, not one per sample). Otherwise blocks are rows of one sample: a first pass
+    makes the 4×-wide hidden blocks and GRN's statistics, a second normalises and projects them back."""
 
     def __init__(self, c_in, c, dropout):
         super().__init__(Linear(c_in, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout),
@@ -98,8 +99,9 @@ class ChannelMLP(nn.Sequential):
         fc1, act, grn, drop, fc2 = self
         blocks = _row_blocks(x, fc1.out_features)
         if blocks == 1:
-            h = act(fc1(x))
-            return fc2(drop(torch.addcmul(grn.beta, h, grn.scale([h]))))
+            return self._whole(x)
+        if blocks <= x.size(0):  # blocks of whole samples: a slice of the batch is contiguous as well
+            return torch.cat([self._whole(samples) for samples in x.tensor_split(blocks)])
         per_sample = math.ceil(blocks / x.size(0))
         out = []
         for sample in x.unbind(0):  # H, W, C
@@ -108,6 +110,11 @@ class ChannelMLP(nn.Sequential):
             beta = grn.beta[0]
             out.append(torch.cat([fc2(drop(torch.addcmul(beta, h, scale))) for h in hidden], dim=0))
         return torch.stack(out)
+
+    def _whole(self, x):  # GRN's statistics are per sample, so any whole samples run as one map
+        fc1, act, grn, drop, fc2 = self
+        h = act(fc1(x))
+        return fc2(drop(torch.addcmul(grn.beta, h, grn.scale([h]))))
 
 
 class ResBlock(nn.Module):

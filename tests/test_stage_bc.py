@@ -122,10 +122,13 @@ def test_preset_forward_on_meta_at_native_resolution(name):
 
 # ---------------------------------------------------------------- parity with diffusers (fp32)
 
-@pytest.fixture(params=["whole maps", "one row per block"])
+@pytest.fixture(params=["whole maps", "one row per block", "one sample per block"])
 def row_blocks(request, monkeypatch):
-    """On CPU the channel MLPs run big maps in blocks of rows; a tiny block size makes the small test maps
-    take that path too (one row per block)."""
+    """On CPU the channel MLPs run big maps in blocks of rows, and batches of small maps in blocks of samples; a
+    tiny block size makes the small test maps take the first path (one row per block), a patched block count
+    the second (one sample per block)."""
+    if request.param == "one sample per block":
+        monkeypatch.setattr(modules.common, "_row_blocks", lambda x, width: x.size(0))
     if request.param == "one row per block":
         monkeypatch.setattr(modules.common, "_CACHE_BLOCK", 1)
         monkeypatch.setattr(modules.common, "_MIN_BLOCK_PIXELS", 1)
@@ -396,3 +399,20 @@ def test_cpu_row_blocks_stay_cache_sized_but_not_thin():
     # Stage B's first level at 1024² (2×256×256, width 1280): 160 cache-sized blocks of ~819 pixels
     assert _row_blocks(torch.empty(2, 256, 256, 1), 1280) == 160
     assert _row_blocks(torch.empty(1, 4, 4, 1), 10**9) == 1
+    # the demo Stage C in training (64×8×8, width 384): 2 blocks, so 32 whole samples each
+    assert _row_blocks(torch.empty(64, 8, 8, 1), 384) == 2
+
+
+def test_channel_mlp_in_blocks_of_whole_samples_equals_one_block(monkeypatch):
+    """A batch of small maps runs as blocks of whole samples; GRN's statistics stay each sample's own."""
+    from modules.common import ChannelMLP
+    torch.manual_seed(0)
+    mlp = ChannelMLP(8, 8, 0.0)
+    for parameter in mlp.parameters():  # GRN's gamma and beta start at zero, which would hide its statistics
+        torch.nn.init.normal_(parameter, std=0.5)
+    x = torch.randn(6, 3, 5, 8)
+    monkeypatch.setattr(modules.common, "_row_blocks", lambda x, width: 1)
+    whole = mlp(x)
+    monkeypatch.setattr(modules.common, "_row_blocks", lambda x, width: 3)  # 2 samples per block
+    torch.testing.assert_close(mlp(x), whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mlp(x[2:3]), whole[2:3], rtol=1e-6, atol=1e-6)
