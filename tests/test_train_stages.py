@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from core import distributed
+from core.config import ConfigError
 from core.conditioning import effnet_preprocess
 from core.data import CorruptSampleWarning, EmptyDatasetError, ShardWriter
 from core.metrics import read_log
@@ -145,6 +146,35 @@ def test_train_shift_moves_the_training_noise_levels_by_the_closed_form(assets, 
     logSNR = extras.gdf.schedule(seen[1.0]) - 2 * math.log(4.0)
     torch.testing.assert_close(seen[4.0], extras.gdf.noise_cond(logSNR))
     assert (seen[4.0] > seen[1.0]).all()  # noisier: r grows with the noise level
+
+
+def test_top_noise_share_trains_that_share_of_the_samples_at_the_top_of_the_schedule(assets, tmp_path):
+    """top_noise_share p: a sample trains at t = 1 (the clamped top, where sampling starts) with probability p,
+    else at the level it would have had without the option: the other draws are unchanged."""
+    seen = {}
+    for share in (0.0, 0.5, 1.0):
+        core = WurstCoreC(config_file_path=TINY_C, overrides=settings(assets, tmp_path, train_shift=4.0,
+                                                                       top_noise_share=share))
+        extras = core.setup_extras_pre()
+        models = core.setup_models(extras)
+        batch = next(iter(core.setup_data(extras).dataloader))
+
+        def record(module, args, share=share):
+            seen[share] = args[1]
+        models.generator.register_forward_pre_hook(record)
+        core.info.iter = 3
+        core.forward_pass(batch, extras, models)
+    top = extras.gdf.noise_cond(extras.gdf.schedule(torch.ones(len(seen[0.0])), shift=4.0))
+    torch.testing.assert_close(seen[1.0], top)
+    assert (seen[0.0] < top - 1e-3).all()  # without the option no sample of this batch is at the top
+    at_top = (seen[0.5] - top).abs() < 1e-6
+    assert at_top.any() and not at_top.all(), seen[0.5]
+    torch.testing.assert_close(seen[0.5][~at_top], seen[0.0][~at_top])
+
+
+def test_top_noise_share_outside_0_to_1_is_refused_with_its_name(assets, tmp_path):
+    with pytest.raises(ConfigError, match="top_noise_share"):
+        WurstCoreC(config_file_path=TINY_C, overrides=settings(assets, tmp_path, top_noise_share=1.5))
 
 
 def test_accumulating_two_half_batches_equals_one_full_batch_also_with_checkpointing(assets, tmp_path):
