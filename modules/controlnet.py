@@ -63,7 +63,7 @@ def _large_backbone(c_in):
 
 def _conv_backbone(c_in, widths=(16, 32, 64, 128, 128)):
     """Stride-2 3×3 convs, one per width: five give stride 32 like the EfficientNet's, for small Stage Cs that an
-    EfficientNetV2-S backbone would outweigh many times over ('conv8': three, for the demo's stride-8 latents)."""
+    EfficientNetV2-S backbone would outweigh many times over ('conv16': four, for the demo Stage C's 8×8 tokens)."""
     layers, c = [], c_in
     for width in widths:
         layers += [nn.Conv2d(c, width, kernel_size=3, stride=2, padding=1), nn.GELU()]
@@ -72,7 +72,7 @@ def _conv_backbone(c_in, widths=(16, 32, 64, 128, 128)):
 
 
 _BACKBONES = {"effnet": _effnet_backbone, "simple": _simple_backbone, "large": _large_backbone,
-              "conv": _conv_backbone, "conv8": lambda c_in: _conv_backbone(c_in, widths=(32, 64, 128))}
+              "conv": _conv_backbone, "conv16": lambda c_in: _conv_backbone(c_in, widths=(16, 32, 64, 128))}
 
 
 class ControlNet(nn.Module):

@@ -200,16 +200,16 @@ def test_upstream_notebook_api(assets):
 
 
 def test_controlnet_blocks_must_share_one_width_on_a_stage_c_whose_levels_differ():
-    """The demo Stage C's levels are 48, 96 and 192 wide: blocks of the first level get a 48-wide ControlNet (the
+    """The demo Stage C's levels are 96 and 192 wide: blocks of the first level get a 96-wide ControlNet (the
     demo's), a mix of levels is refused by name."""
     stage_c = build_model("stage_c", "demo", device="meta")
     canny = types.SimpleNamespace(num_channels=lambda: 1)
 
     def config(blocks):
-        return types.SimpleNamespace(controlnet_blocks=blocks, controlnet_bottleneck_mode="conv8",
+        return types.SimpleNamespace(controlnet_blocks=blocks, controlnet_bottleneck_mode="conv16",
                                      controlnet_checkpoint_path=None)
-    controlnet = build_controlnet(config([0, 11]), stage_c, canny, device="meta")
-    assert controlnet.proj_blocks == [0, 11]
-    assert [projection[-1].out_channels for projection in controlnet.projections] == [48, 48]
-    with pytest.raises(ConfigError, match=r"controlnet_blocks \[0, 1, 3\] are ResBlocks of widths \[48, 96, 192\]"):
-        build_controlnet(config([0, 1, 3]), stage_c, canny, device="meta")
+    controlnet = build_controlnet(config([0, 9]), stage_c, canny, device="meta")
+    assert controlnet.proj_blocks == [0, 9]
+    assert [projection[-1].out_channels for projection in controlnet.projections] == [96, 96]
+    with pytest.raises(ConfigError, match=r"controlnet_blocks \[0, 2, 9\] are ResBlocks of widths \[96, 192\]"):
+        build_controlnet(config([0, 2, 9]), stage_c, canny, device="meta")

@@ -87,7 +87,7 @@ class ControlNetCore(WurstCoreC):
         controlnet_filter: str = EXPECTED  # a modules.controlnet_filters class, e.g. CannyFilter
         controlnet_filter_params: Optional[dict] = None  # the filter's keyword arguments
         # None: effnet
-        controlnet_bottleneck_mode: Optional[Literal["effnet", "simple", "large", "conv", "conv8"]] = None
+        controlnet_bottleneck_mode: Optional[Literal["effnet", "simple", "large", "conv", "conv16"]] = None
         controlnet_checkpoint_path: Optional[str] = None  # ControlNet weights to start from
         offset_noise: Optional[float] = None  # per-channel offset noise (upstream: 0.1 for inpainting and SR)
 
