@@ -172,6 +172,12 @@ def read_metadata(path):
     return _Checkpoint(path).metadata
 
 
+def recorded_target(path, default="epsilon"):
+    """What a generator file predicts (`gdf_target`), or what a ControlNet/LoRA file was trained against: files
+    written here record it; released files do not, and theirs is `default` (epsilon)."""
+    return read_metadata(path).get("gdf_target") or default
+
+
 def recorded_kind(path, default):
     """The model kind a file records, else `default`: files written here record theirs (the demo's 'effnet_lite0'
     where an EfficientNet is expected), the released files none."""

@@ -37,12 +37,12 @@ def resolve_dtype(explicit, config: PipelineConfig, device):
 
 def _model(kind, preset, path, random_ok, dtype, what):
     """Loads `kind` from its checkpoint; without one, random weights only when the config allows it."""
-    from core.weights import load_model, read_metadata
+    from core.weights import load_model, recorded_target
     from modules.presets import build_model
     if path:
         model = load_model(path, kind=kind, preset=preset, dtype=dtype, device="cpu")
         # what a generator trained here predicts (train/base.py records it); released files: epsilon
-        model.gdf_target = read_metadata(path).get("gdf_target", "epsilon")
+        model.gdf_target = recorded_target(path)
         return model
     if not random_ok:
         raise PipelineError(f"no checkpoint path for the {what} in the config; download the weights with "

@@ -232,3 +232,23 @@ def test_cli_super_resolution_doubles_the_input(tmp_path):
         assert im.size == (192, 256)
     bad, _ = cli(tmp_path, "--controlnet", "canny")
     assert bad.returncode == 2 and "--control-image" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_controlnet_trained_against_another_objective_is_refused(pipe, tmp_path):
+    """A ControlNet file written here records the objective of the Stage C it was trained on; the tiny pipeline's
+    Stage C predicts epsilon."""
+    import yaml
+    from core.weights import save_model
+    config = yaml.safe_load(open(os.path.join(ROOT, "configs", "inference", "controlnet_tiny_canny.yaml")))
+    model = load_controlnet(pipe, "canny").model
+    for target in ("v", "epsilon"):
+        save_model(model, tmp_path / f"{target}.safetensors", metadata={"gdf_target": target})
+        with open(tmp_path / f"{target}.yaml", "w") as f:
+            yaml.safe_dump({**config, "controlnet_checkpoint_path": str(tmp_path / f"{target}.safetensors")}, f)
+    with pytest.raises(PipelineError, match="v.safetensors was trained against a Stage C that predicts v, but this "
+                                            "Stage C predicts epsilon: retrain it on this Stage C with gdf_target: "
+                                            "epsilon"):
+        load_controlnet(pipe, str(tmp_path / "v.yaml"))
+    loaded = load_controlnet(pipe, str(tmp_path / "epsilon.yaml"))
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name

@@ -213,3 +213,26 @@ def test_controlnet_blocks_must_share_one_width_on_a_stage_c_whose_levels_differ
     assert [projection[-1].out_channels for projection in controlnet.projections] == [96, 96]
     with pytest.raises(ConfigError, match=r"controlnet_blocks \[0, 2, 9\] are ResBlocks of widths \[96, 192\]"):
         build_controlnet(config([0, 2, 9]), stage_c, canny, device="meta")
+
+
+@pytest.mark.parametrize("trainer", ["controlnet", "lora"])
+def test_a_frozen_stage_c_is_trained_against_with_its_own_objective(assets, tmp_path, trainer):
+    """A ControlNet or LoRA trained with another objective than its frozen Stage C predicts learns to turn that
+    prediction into another target, and ruins every sample it is used for: the trainer refuses it by name."""
+    from train.train_c_lora import LoraCore
+    v_stage_c = tmp_path / "stage_c_v.safetensors"
+    save_model(load_model(assets.stage_c), v_stage_c, metadata={"gdf_target": "v"})
+    core_class, config = {"controlnet": (ControlNetCore, TINY),
+                          "lora": (LoraCore, os.path.join(ROOT, "configs", "training", "tiny_c_lora.yaml"))}[trainer]
+    for target in ("epsilon", "v"):
+        core = core_class(config_file_path=config, overrides=overrides(
+            assets, tmp_path, generator_checkpoint_path=str(v_stage_c), gdf_target=target))
+        extras = core.setup_extras_pre()
+        if target == "epsilon":
+            with pytest.raises(ConfigError, match=r"stage_c_v.safetensors predicts v, but gdf_target is epsilon: "
+                                                  r".* so set gdf_target: v"):
+                core.setup_models(extras)
+        else:
+            models = core.setup_models(extras)
+            adapters = {id(p) for p in models.lora.parameters()} if trainer == "lora" else set()
+            assert not any(p.requires_grad for p in models.generator.parameters() if id(p) not in adapters)

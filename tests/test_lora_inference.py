@@ -386,3 +386,19 @@ def test_files_with_names_sorted_as_safetensors_writes_them_load_by_index(tmp_pa
     apply_lora_file(model, text, tokenizer, tmp_path / "l.safetensors", train_tokens=TOKENS)
     adapters = [m.parametrizations[n][0] for _, m, n in lora_targets(model)]
     assert all(torch.equal(adapters[i].lora_up, state[f"weights.{i}.lora_up"]) for i in range(128))
+
+
+def test_a_lora_trained_against_another_objective_is_refused(clean, tmp_path):
+    """Files written here record the objective of the Stage C they were trained on; the tiny pipeline's Stage C
+    predicts epsilon (its file records nothing, like the released ones)."""
+    pipe = clean
+    text_dim = pipe.text_model.get_input_embeddings().embedding_dim
+    for target in ("v", "epsilon"):
+        meta = {"train_tokens": json.dumps([["[sks]", "^dog</w>"]]), "rank": "4", "gdf_target": target}
+        write_lora(tmp_path / f"{target}.safetensors", pipe.stage_c, ids=[49408], text_dim=text_dim, metadata=meta)
+    with pytest.raises(LoraError, match="trained against a Stage C that predicts v, but this Stage C predicts "
+                                        "epsilon: retrain the LoRA on this Stage C with gdf_target: epsilon"):
+        pipe.load_lora(tmp_path / "v.safetensors")
+    assert not pipe.loras and not parametrized(pipe.stage_c, pipe.text_model)
+    pipe.load_lora(tmp_path / "epsilon.safetensors")
+    assert len(pipe.loras) == 1

@@ -288,10 +288,15 @@ class TrainingCore(DataCore):
     def setup_generator(self, kind: str) -> tuple:
         """(generator, its EMA copy or None), from `generator_checkpoint_path` or freshly initialised, then
         activation-checkpointed and wrapped for DDP/FSDP as configured."""
-        from core.weights import load_model
+        from core.weights import load_model, recorded_target
         cfg = self.config
         frozen = self.FROZEN_GENERATOR_FOR
         if cfg.generator_checkpoint_path is not None:
+            target = recorded_target(cfg.generator_checkpoint_path)
+            if frozen and target != cfg.gdf_target:  # it would learn to turn the frozen model's output into another
+                raise ConfigError(f"{cfg.generator_checkpoint_path} predicts {target}, but gdf_target is "
+                                  f"{cfg.gdf_target}: {frozen} trains against its frozen Stage C's objective, "
+                                  f"so set gdf_target: {target}")
             generator = load_model(cfg.generator_checkpoint_path, kind=kind, preset=cfg.model_version,
                                    kwargs=cfg.model_kwargs or {}, dtype=self.dtype())
         elif frozen and cfg.model_version != TINY:
