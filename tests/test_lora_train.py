@@ -185,3 +185,35 @@ def test_config_errors_name_the_mismatch(assets, tmp_path, change, message):
         assets, tmp_path, lora_checkpoint_path=str(path), **change))
     with pytest.raises(ConfigError, match=message):
         core.setup_models(core.setup_extras_pre())
+
+
+def test_preserve_base_teaches_plain_captions_the_frozen_models_own_prediction(assets, tmp_path):
+    """With preserve_base, a caption without the token learns what the file's Stage C predicts (an independent
+    copy here), one with it keeps the data's target; the adapters' scales are back afterwards."""
+    from core.weights import load_model
+    core = LoraCore(config_file_path=TINY_LORA, overrides=overrides(assets, tmp_path, preserve_base=True))
+    extras = core.setup_extras_pre()
+    models = core.setup_models(extras)
+    torch.manual_seed(1)
+    with torch.no_grad():  # an adapter that changes every output
+        for name, p in models.lora.named_parameters():
+            p.normal_(0, 0.3)
+    batch = {"captions": [f"a photo of {TOKEN}", "a photo of a dog", f"{TOKEN} at dusk", ""],
+             "images": torch.rand(4, 3, 64, 64)}
+    conditions = core.get_conditions(batch, models, extras, is_eval=True)
+    noised = torch.randn(4, 16, 8, 8)
+    noise_cond = extras.gdf.noise_cond(torch.linspace(-3, 3, 4))
+    target = torch.randn(4, 16, 8, 8)
+    with torch.no_grad():
+        before = models.generator(noised, noise_cond, **conditions)
+        out = core.training_target(batch, models, noised, noise_cond, conditions, target)
+        after = models.generator(noised, noise_cond, **conditions)
+        frozen = load_model(assets["stage_c"]).eval()
+        plain = [1, 3]
+        expected = frozen(noised[plain], noise_cond[plain], **{k: v[plain] for k, v in conditions.items()})
+    assert torch.equal(out[[0, 2]], target[[0, 2]])
+    torch.testing.assert_close(out[plain], expected)
+    assert not torch.allclose(before[plain], expected, atol=1e-3)  # the LoRA is on, and differs from the base
+    assert torch.equal(before, after)  # scales restored
+    unchanged = LoraCore(config_file_path=TINY_LORA, overrides=overrides(assets, tmp_path))
+    assert unchanged.training_target(batch, models, noised, noise_cond, conditions, target) is target

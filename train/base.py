@@ -19,7 +19,7 @@ from core.warpcore import WarpCore
 from modules.common import AttnBlock, FeedForwardBlock, ResBlock, TimestepBlock
 from modules.gdf import (GDF, AdaptiveLossWeight, ConstantLossWeight, CosineSchedule, CosineTNoiseCond,
                          EpsilonTarget, P2LossWeight, VPScaler, VTarget, X0Target)
-from modules.gdf.noise import randn
+from modules.gdf.noise import rand_per_sample, randn
 from modules.presets import PRESETS, TINY_CLIP_TEXT_DIM, TINY_CLIP_TEXT_POOLED_DIM, build_model
 
 TINY = "tiny"  # model_version / encoder name for the small random models of the tiny configs and the tests
@@ -129,7 +129,7 @@ class DataCore(WarpCore):
         elif "clip_text_pooled" in batch:  # cached (Stage B caches the pooled embedding only)
             cond = {k: batch[k].to(self.device) for k in ("clip_text", "clip_text_pooled") if k in batch}
             if generators is not None and self.config.caption_dropout > 0:
-                drop = torch.cat([torch.rand(1, generator=g) < self.config.caption_dropout for g in generators])
+                drop = rand_per_sample(generators) < self.config.caption_dropout
                 if drop.any():
                     empty = self._empty_caption(models)
                     for k, v in cond.items():
@@ -253,6 +253,10 @@ class TrainingCore(DataCore):
     def decode_latents(self, latents, batch, models, extras) -> torch.Tensor:
         raise NotImplementedError
 
+    def training_target(self, batch, models, noised, noise_cond, conditions, target) -> torch.Tensor:
+        """What the generator learns to predict for the noised batch: the objective's target from the data."""
+        return target
+
     def noise(self, latents, generators) -> torch.Tensor:
         """The training noise for `latents`, one generator per sample."""
         return randn(latents.shape, generators, latents.device, latents.dtype)
@@ -320,13 +324,14 @@ class TrainingCore(DataCore):
             conditions = self.get_conditions(batch, models, extras, generators=generators)
             latents = self.encode_latents(batch, models, extras)
             epsilon = self.noise(latents, generators)
-            t = torch.cat([torch.rand(1, generator=g) for g in generators])
+            t = rand_per_sample(generators)
             if self.config.top_noise_share > 0:  # one more draw per sample: its stream is unchanged without it
-                top = torch.cat([torch.rand(1, generator=g) for g in generators]) < self.config.top_noise_share
+                top = rand_per_sample(generators) < self.config.top_noise_share
                 t = t.masked_fill(top, 1.0)
             noised, _, target, logSNR, noise_cond, loss_weight = extras.gdf.diffuse(
                 latents, epsilon=epsilon, t=t, shift=self.config.train_shift, loss_shift=self.config.train_shift,
                 generator=generators)
+        target = self.training_target(batch, models, noised, noise_cond, conditions, target)
         pred = models.generator(noised, noise_cond, **conditions)
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
         loss_adjusted = (loss * loss_weight).mean() / self.config.grad_accum_steps

@@ -25,6 +25,7 @@ from core import distributed  # noqa: E402
 from core.config import EXPECTED, ConfigError  # noqa: E402
 from core.warpcore import WarpCore  # noqa: E402
 from core.weights import load_model, model_metadata  # noqa: E402
+from modules.gdf.noise import rand_per_sample  # noqa: E402
 from modules.presets import build_model  # noqa: E402
 from modules.stage_a import ResBlock  # noqa: E402
 from train.base import DataConfig, DataCore, main  # noqa: E402
@@ -236,7 +237,7 @@ class WurstCoreA(DataCore):
         cfg = self.config
         images = batch["images"].to(self.device, self.dtype())
         generators = self.sample_generators(len(images))
-        use_code = torch.cat([torch.rand(1, generator=g) < cfg.quantize_p for g in generators]).to(self.device)
+        use_code = (rand_per_sample(generators) < cfg.quantize_p).to(self.device)
         with quantizer_tap(distributed.unwrap(models.generator), use_code) as tap:
             recon, vq_loss = models.generator(images, quantize=True)
         error = recon.float() - images.float()

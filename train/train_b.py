@@ -18,7 +18,7 @@ from torch import nn  # noqa: E402
 
 from core.conditioning import effnet_preprocess  # noqa: E402
 from core.config import EXPECTED, ConfigError  # noqa: E402
-from modules.gdf.noise import randn  # noqa: E402
+from modules.gdf.noise import rand_per_sample, randn  # noqa: E402
 from train.base import TrainingCore, effnet_input_size, main  # noqa: E402
 
 
@@ -133,7 +133,7 @@ class WurstCoreB(TrainingCore):
         else:
             low, high = self.config.effnet_scale_range
             factor = low + (high - low) * torch.rand(1, generator=generators[0]).item()
-            keep = torch.cat([torch.rand(1, generator=g) >= self.config.effnet_dropout for g in generators])
+            keep = rand_per_sample(generators) >= self.config.effnet_dropout
         if self.config.train_effnet_mapper:  # the loop puts trained models in train mode: the backbone stays frozen
             models.effnet.backbone.eval()
         with torch.set_grad_enabled(self.config.train_effnet_mapper and not is_eval):

@@ -19,6 +19,7 @@ from core.conditioning import (effnet_preprocess, encode_clip_image, load_vision
                                random_vision_encoder, tiny_vision_config)
 from core import distributed  # noqa: E402
 from core.config import EXPECTED  # noqa: E402
+from modules.gdf.noise import rand_per_sample  # noqa: E402
 from modules.presets import TINY_CLIP_IMAGE_DIM  # noqa: E402
 from train.base import TINY, TrainingCore, main  # noqa: E402
 
@@ -73,7 +74,7 @@ class WurstCoreC(TrainingCore):
         if is_eval:
             use = torch.full((n,), eval_image_embeds and not is_unconditional and have)
         else:
-            use = torch.cat([torch.rand(1, generator=g) < self.config.clip_image_p for g in generators])
+            use = rand_per_sample(generators) < self.config.clip_image_p
         if use.any():
             if "clip_img" in batch:  # cached
                 clip_img[use.to(self.device)] = batch["clip_img"][use].to(self.device, clip_img.dtype)

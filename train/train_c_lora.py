@@ -37,6 +37,10 @@ class LoraCore(WurstCoreC):
         rank: int = EXPECTED
         train_tokens: list = EXPECTED  # [[token, init_regex], ...], e.g. [['[fernando]', '^dog</w>']]
         lora_checkpoint_path: Optional[str] = None  # a LoRA file to start from (or to sample with)
+        # Samples whose caption names none of the train tokens learn the frozen Stage C's own prediction (the LoRA
+        # switched off) instead of the data's target: prompts without the tokens then keep their images, where
+        # fitting the data would teach the LoRA to redraw them too.
+        preserve_base: bool = False
 
     @dataclasses.dataclass
     class Models(WurstCoreC.Models):
@@ -88,6 +92,29 @@ class LoraCore(WurstCoreC):
         except RuntimeError as e:
             details = "; ".join(line.strip() for line in str(e).splitlines()[1:])
             raise ConfigError(f"{path} does not fit this module_filters and rank: {details}") from None
+
+    def training_target(self, batch, models, noised, noise_cond, conditions, target):
+        if not self.config.preserve_base:
+            return target
+        tokens = [token for token, _ in self.config.train_tokens]
+        plain = torch.tensor([not any(token in caption for token in tokens) for caption in batch["captions"]])
+        if not plain.any():
+            return target
+        keep = plain.to(target.device)
+        adapters = list(models.lora["weights"])
+        scales = [adapter.scale for adapter in adapters]
+        try:
+            for adapter in adapters:
+                adapter.scale = 0.0
+            with torch.no_grad():
+                base = models.generator(noised[keep], noise_cond[keep], **{k: v[keep] if torch.is_tensor(v) else v
+                                                                         for k, v in conditions.items()})
+        finally:
+            for adapter, scale in zip(adapters, scales):
+                adapter.scale = scale
+        target = target.clone()
+        target[keep] = base.to(target.dtype)
+        return target
 
     def text_conditions(self, batch, models, is_unconditional=False, generators=None):
         """Stage C's text conditions, with gradients while training: the token deltas learn through the frozen text

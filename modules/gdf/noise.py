@@ -7,6 +7,12 @@ and image i of a batch is the image that generator i gives alone (as in diffuser
 import torch
 
 
+def rand_per_sample(generators):
+    """One U[0, 1) draw per sample, each from that sample's own generator: a sample's random choices (noise level,
+    dropouts) then do not depend on the batch it lands in."""
+    return torch.cat([torch.rand(1, generator=g) for g in generators])
+
+
 def randn(shape, generator=None, device=None, dtype=torch.float32):
     """N(0, I) of `shape` on `device`; `generator` is None (global RNG), a `torch.Generator` or one per sample.
 
