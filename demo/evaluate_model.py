@@ -22,16 +22,15 @@ from demo.detector import detect
 from demo.evaluate import canny_edges, dilated_iou, lora_token_accuracy, proportion, psnr, score
 from demo.make_dataset import SPLIT_SEEDS
 from demo.scenes import Scene, parse_caption, prompt_records, sample_heldout_scenes, sample_zorb_scenes
-from inference.pipeline import StageSampling
+from inference.config import default_sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join("configs", "inference", "demo.yaml")
 CONTROLNET = os.path.join("configs", "inference", "controlnet_demo_canny.yaml")
 LORA = os.path.join("models", "demo", "lora_zorb.safetensors")
 SIZE = 128
-# the demo's sampling settings (the CLI and the app use them for this model)
-STAGE_C = StageSampling(steps=20, cfg=4.0, shift=2.0)
-STAGE_B = StageSampling(steps=10, cfg=1.1, shift=1.0)
+# the demo's sampling settings: its config's, which the CLI and the app use for this model too
+STAGE_C, STAGE_B = default_sampling(os.path.join(REPO, CONFIG))
 
 
 def load_demo(config=CONFIG, device="cpu"):

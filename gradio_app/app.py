@@ -75,6 +75,13 @@ def default_size(model):
     return default_image_size(model)
 
 
+def default_steps_and_cfg(model):
+    """The CLI's (steps C, CFG C, steps B, CFG B) for a pipeline config: its `sampling`, else upstream's."""
+    from inference.config import default_sampling
+    stage_c, stage_b = default_sampling(model)
+    return stage_c.steps, stage_c.cfg, stage_b.steps, stage_b.cfg
+
+
 def cli_arguments(mode, model, prompt, negative, seed, height, width, num_images, steps_c, cfg_c, steps_b, cfg_b,
                   out, image=None, strength=0.8, mask=None, outpaint=False, control_strength=1.0, loras=()):
     """The form as `python -m inference.generate` arguments. `image` is the input file of every mode but
@@ -181,6 +188,7 @@ def build_demo(runner, out_dir, models=None, loras=None):
     loras = loras if loras is not None else list_loras()
     side = default_size(models[0])
     d = CLI_DEFAULTS
+    first_steps_c, first_cfg_c, first_steps_b, first_cfg_b = default_steps_and_cfg(models[0])
 
     def generate(mode, model, prompt, negative, seed, randomize, height, width, num_images, steps_c, cfg_c, steps_b,
                  cfg_b, lora, lora_scale, variation_image, init_image, strength, canny_image, mask_editor, outpaint,
@@ -219,11 +227,12 @@ def build_demo(runner, out_dir, models=None, loras=None):
             width = gr.Slider(128, 2048, value=side, step=32, label="Width", elem_id="width")
             num_images = gr.Slider(1, 8, value=d.num_images, step=1, label="Images", elem_id="num_images")
         with gr.Row():
-            steps_c = gr.Slider(1, 60, value=d.steps_c, step=1, label="Stage C steps", elem_id="steps_c")
-            cfg_c = gr.Slider(1, 15, value=d.cfg_c, step=0.1, label="Stage C CFG", elem_id="cfg_c")
-            steps_b = gr.Slider(1, 40, value=d.steps_b, step=1, label="Stage B steps", elem_id="steps_b")
-            cfg_b = gr.Slider(1, 5, value=d.cfg_b, step=0.1, label="Stage B CFG", elem_id="cfg_b")
-        model.change(lambda m: (default_size(m), default_size(m)), model, [height, width])
+            steps_c = gr.Slider(1, 60, value=first_steps_c, step=1, label="Stage C steps", elem_id="steps_c")
+            cfg_c = gr.Slider(1, 15, value=first_cfg_c, step=0.1, label="Stage C CFG", elem_id="cfg_c")
+            steps_b = gr.Slider(1, 40, value=first_steps_b, step=1, label="Stage B steps", elem_id="steps_b")
+            cfg_b = gr.Slider(1, 5, value=first_cfg_b, step=0.1, label="Stage B CFG", elem_id="cfg_b")
+        model.change(lambda m: (default_size(m), default_size(m), *default_steps_and_cfg(m)), model,
+                     [height, width, steps_c, cfg_c, steps_b, cfg_b])
         with gr.Tabs():
             with gr.Tab("Text to image"):
                 run_t2i = gr.Button("Run", variant="primary", elem_id="run-text-to-image")

@@ -46,6 +46,9 @@ class PipelineConfig:
     # Output pixels per Stage C latent, a side: upstream's 42.67 (1024² → 24×24); the demo's Stage C makes the
     # 16×16 latents of its 128² images, from EfficientNet-Lite0's stride-8 features (8).
     stage_c_compression: float = 42.67
+    # The CLI's and the app's sampling settings when none are given, per stage ({stage_c: {steps, cfg, shift},
+    # stage_b: {...}}; unset keys keep upstream's): the demo's Stage B draws crisper outlines at CFG 2.
+    sampling: Optional[dict] = None
     source: str = field(default="<dict>", repr=False)
 
 
@@ -99,7 +102,33 @@ def load_pipeline_config(path_or_dict, overrides=None):
     _check_keys(PipelineConfig, values, where)
     values["stage_c"] = _stage(values["stage_c"], f"{where}: stage_c", base_dir)
     values["stage_b"] = _stage(values["stage_b"], f"{where}: stage_b", base_dir)
+    _check_sampling(values.get("sampling"), where)
     return PipelineConfig(**values, source=where)
+
+
+_SAMPLING_KEYS = ("steps", "cfg", "shift")
+
+
+def _check_sampling(sampling, where):
+    if sampling is None:
+        return
+    if not isinstance(sampling, dict) or set(sampling) - {"stage_c", "stage_b"}:
+        raise ConfigError(f"{where}: sampling maps stage_c and/or stage_b to their settings, got {sampling!r}")
+    for stage, settings in sampling.items():
+        unknown = sorted(set(settings or {}) - set(_SAMPLING_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: sampling.{stage}: unknown key(s) {unknown}; known keys are "
+                              f"{list(_SAMPLING_KEYS)}")
+
+
+def default_sampling(path_or_config):
+    """(Stage C, Stage B) StageSampling a pipeline config samples with when the user gives none: its `sampling`
+    over upstream's defaults."""
+    from inference.pipeline import STAGE_B_DEFAULTS, STAGE_C_DEFAULTS
+    cfg = path_or_config if isinstance(path_or_config, PipelineConfig) else load_pipeline_config(path_or_config)
+    given = cfg.sampling or {}
+    return tuple(dataclasses.replace(default, **(given.get(stage) or {}))
+                 for stage, default in (("stage_c", STAGE_C_DEFAULTS), ("stage_b", STAGE_B_DEFAULTS)))
 
 
 def weights_present(cfg: PipelineConfig):

@@ -50,12 +50,13 @@ def build_parser():
     p.add_argument("--height", type=int, default=None, help="output height in pixels (default: the config's image_size, else 1024)")
     p.add_argument("--width", type=int, default=None, help="output width in pixels (default: the config's image_size, else 1024)")
     p.add_argument("--seed", type=int, default=None, help="seed of image 0; image i uses seed+i (random if unset)")
-    p.add_argument("--steps-c", type=int, default=20, help="Stage C sampling steps")
-    p.add_argument("--cfg-c", type=float, default=4.0, help="Stage C classifier-free guidance scale")
-    p.add_argument("--shift-c", type=float, default=2.0, help="Stage C noise-schedule shift")
-    p.add_argument("--steps-b", type=int, default=10, help="Stage B sampling steps")
-    p.add_argument("--cfg-b", type=float, default=1.1, help="Stage B classifier-free guidance scale")
-    p.add_argument("--shift-b", type=float, default=1.0, help="Stage B noise-schedule shift")
+    defaults = " (default: the config's sampling, else {})"
+    p.add_argument("--steps-c", type=int, default=None, help="Stage C sampling steps" + defaults.format(20))
+    p.add_argument("--cfg-c", type=float, default=None, help="Stage C classifier-free guidance" + defaults.format(4.0))
+    p.add_argument("--shift-c", type=float, default=None, help="Stage C noise-schedule shift" + defaults.format(2.0))
+    p.add_argument("--steps-b", type=int, default=None, help="Stage B sampling steps" + defaults.format(10))
+    p.add_argument("--cfg-b", type=float, default=None, help="Stage B classifier-free guidance" + defaults.format(1.1))
+    p.add_argument("--shift-b", type=float, default=None, help="Stage B noise-schedule shift" + defaults.format(1.0))
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "lcm"], help="sampler for both stages")
     p.add_argument("--cfg-rho", type=float, default=0.7, help="CFG rescale factor (0 = plain CFG)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -119,7 +120,7 @@ def _progress(quiet):
 def run(pipe, args, callback=None, preview_every=0):
     """Parsed CLI settings → one pipeline call: (CascadeOutput, prompt of each image). The Gradio app calls this too,
     so the same settings and seed give the same pixels in both."""
-    from inference.config import default_image_size
+    from inference.config import default_image_size, default_sampling
     from inference.pipeline import StageSampling
     from inference.utils import load_image
     prompts = args.prompts or [DEFAULT_PROMPT]
@@ -138,8 +139,12 @@ def run(pipe, args, callback=None, preview_every=0):
         control = dict(controlnet=controlnet, control_image=image, outpaint=args.outpaint,
                        control_mask=load_mask(args.mask) if args.mask else None,
                        control_strength=args.control_strength)
-    stage_c = StageSampling(args.steps_c, args.cfg_c, args.shift_c, args.sampler, args.cfg_rho)
-    stage_b = StageSampling(args.steps_b, args.cfg_b, args.shift_b, args.sampler, args.cfg_rho)
+    given = lambda value, default: default if value is None else value  # noqa: E731
+    default_c, default_b = default_sampling(args.config)
+    stage_c = StageSampling(given(args.steps_c, default_c.steps), given(args.cfg_c, default_c.cfg),
+                            given(args.shift_c, default_c.shift), args.sampler, args.cfg_rho)
+    stage_b = StageSampling(given(args.steps_b, default_b.steps), given(args.cfg_b, default_b.cfg),
+                            given(args.shift_b, default_b.shift), args.sampler, args.cfg_rho)
     if args.reconstruct:
         out = pipe.reconstruct(load_image(args.reconstruct), compression=args.compression,
                                seed=args.seed or 0, stage_b=stage_b, callback=callback)

@@ -325,3 +325,34 @@ def test_stage_c_compression_sets_the_latent_size_and_the_reconstruction_scale(p
     config = load_pipeline_config(TINY)
     assert config.stage_c_compression == 42.67
     assert load_pipeline_config(os.path.join(ROOT, "configs", "inference", "demo.yaml")).stage_c_compression == 8
+
+
+def test_a_config_sets_the_clis_default_sampling_and_flags_still_win(tmp_path):
+    """`sampling` in a pipeline config replaces upstream's settings key by key; a flag on the command line beats
+    both. The PNG metadata records what was used."""
+    import yaml
+    from inference.config import default_sampling
+    config = yaml.safe_load(open(TINY))
+    config["sampling"] = {"stage_c": {"steps": 2}, "stage_b": {"steps": 1, "cfg": 1.7}}
+    path = tmp_path / "tiny_sampling.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    metas = []
+    for extra in ([], ["--cfg-b", "1.3", "--steps-c", "1"]):
+        out = tmp_path / f"out{len(extra)}"
+        proc = subprocess.run([sys.executable, "-m", "inference.generate", "--config", str(path), "--prompt", "a cat",
+                               "--height", "128", "--width", "128", "--seed", "1", "--out", str(out), "--quiet",
+                               *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        with Image.open(next(out.glob("*.png"))) as im:
+            metas.append(json.loads(im.text["parameters"]))
+    (c, b), (c2, b2) = [(m["stage_c"], m["stage_b"]) for m in metas]
+    assert (c["steps"], c["cfg"], c["shift"]) == (2, 4.0, 2.0)  # steps from the config, the rest upstream's
+    assert (b["steps"], b["cfg"], b["shift"]) == (1, 1.7, 1.0)
+    assert (c2["steps"], b2["cfg"], b2["steps"]) == (1, 1.3, 1)
+    demo_c, demo_b = default_sampling(os.path.join(ROOT, "configs", "inference", "demo.yaml"))
+    assert (demo_c.steps, demo_c.cfg, demo_b.steps, demo_b.cfg) == (20, 4.0, 10, 2.0)
+    with pytest.raises(ConfigError, match=r"sampling.stage_b: unknown key\(s\) \['cfgg'\]"):
+        load_pipeline_config({**config, "sampling": {"stage_b": {"cfgg": 2}}})
+    with pytest.raises(ConfigError, match="sampling maps stage_c and/or stage_b"):
+        load_pipeline_config({**config, "sampling": {"stage_a": {}}})
