@@ -178,6 +178,16 @@ def recorded_target(path, default="epsilon"):
     return read_metadata(path).get("gdf_target") or default
 
 
+def objective_mismatch(path, predicts, what):
+    """The error message when the ControlNet or LoRA file `path` was trained against a Stage C with another objective
+    than `predicts` (what the Stage C it is applied to predicts), else None. Released files record none."""
+    trained_for = read_metadata(path).get("gdf_target")
+    if trained_for is None or trained_for == predicts:
+        return None
+    return (f"{path} was trained against a Stage C that predicts {trained_for}, but this Stage C predicts "
+            f"{predicts}: retrain {what} on this Stage C with gdf_target: {predicts}")
+
+
 def recorded_kind(path, default):
     """The model kind a file records, else `default`: files written here record theirs (the demo's 'effnet_lite0'
     where an EfficientNet is expected), the released files none."""

@@ -123,12 +123,10 @@ def load_controlnet(pipe, source):
         raise PipelineError(f"{path} names no controlnet_checkpoint_path (the {name} ControlNet was never released): "
                             f"train one with train/train_c_controlnet.py and set the path")
     if checkpoint:
-        from core.weights import read_metadata
-        trained_for = read_metadata(checkpoint).get("gdf_target")  # released files record none
-        predicts = getattr(pipe.stage_c, "gdf_target", "epsilon")
-        if trained_for is not None and trained_for != predicts:
-            raise PipelineError(f"{checkpoint} was trained against a Stage C that predicts {trained_for}, but this "
-                                f"Stage C predicts {predicts}: retrain it on this Stage C with gdf_target: {predicts}")
+        from core.weights import objective_mismatch
+        mismatch = objective_mismatch(checkpoint, getattr(pipe.stage_c, "gdf_target", "epsilon"), "it")
+        if mismatch:
+            raise PipelineError(mismatch)
     control_filter = build_filter(cfg.controlnet_filter, pipe.device, cfg.controlnet_filter_params,
                                   effnet=pipe.effnet)
     with torch.random.fork_rng(devices=[]):

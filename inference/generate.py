@@ -139,12 +139,15 @@ def run(pipe, args, callback=None, preview_every=0):
         control = dict(controlnet=controlnet, control_image=image, outpaint=args.outpaint,
                        control_mask=load_mask(args.mask) if args.mask else None,
                        control_strength=args.control_strength)
-    given = lambda value, default: default if value is None else value  # noqa: E731
-    default_c, default_b = default_sampling(args.config)
-    stage_c = StageSampling(given(args.steps_c, default_c.steps), given(args.cfg_c, default_c.cfg),
-                            given(args.shift_c, default_c.shift), args.sampler, args.cfg_rho)
-    stage_b = StageSampling(given(args.steps_b, default_b.steps), given(args.cfg_b, default_b.cfg),
-                            given(args.shift_b, default_b.shift), args.sampler, args.cfg_rho)
+    default_c, default_b = default_sampling(args.config)  # a flag left unset takes the config's setting
+    stage_c = StageSampling(*(d if a is None else a for a, d in ((args.steps_c, default_c.steps),
+                                                                 (args.cfg_c, default_c.cfg),
+                                                                 (args.shift_c, default_c.shift))),
+                            args.sampler, args.cfg_rho)
+    stage_b = StageSampling(*(d if a is None else a for a, d in ((args.steps_b, default_b.steps),
+                                                                 (args.cfg_b, default_b.cfg),
+                                                                 (args.shift_b, default_b.shift))),
+                            args.sampler, args.cfg_rho)
     if args.reconstruct:
         out = pipe.reconstruct(load_image(args.reconstruct), compression=args.compression,
                                seed=args.seed or 0, stage_b=stage_b, callback=callback)

@@ -17,7 +17,7 @@ import yaml
 from torch import nn
 from torch.nn.utils import parametrize
 
-from core.weights import load_state_dict_file, read_metadata
+from core.weights import load_state_dict_file, objective_mismatch, read_metadata
 from modules.lora import _ADAPTED_TENSORS, LoRA, ReToken, _adaptable
 
 DEFAULT_FILTERS = (".attn",)  # upstream's module_filters: every AttnBlock's in- and out-projection
@@ -299,10 +299,9 @@ def apply_lora_file(stage_c, text_model, tokenizer, path, scale=1.0, merge=False
     for key, given in (("train_tokens", train_tokens), ("module_filters", module_filters), ("rank", rank)):
         if given is not None and key in recorded and json.loads(json.dumps(given)) != recorded[key]:
             raise LoraError(f"{path}: its metadata says {key}={recorded[key]!r} but {given!r} was given")
-    trained_for, predicts = meta.get("gdf_target"), getattr(stage_c, "gdf_target", "epsilon")
-    if trained_for is not None and trained_for != predicts:
-        raise LoraError(f"{path} was trained against a Stage C that predicts {trained_for}, but this Stage C predicts "
-                        f"{predicts}: retrain the LoRA on this Stage C with gdf_target: {predicts}")
+    mismatch = objective_mismatch(path, getattr(stage_c, "gdf_target", "epsilon"), "the LoRA")
+    if mismatch:
+        raise LoraError(mismatch)
     train_tokens = recorded.get("train_tokens", train_tokens)
     filters = recorded.get("module_filters", module_filters or list(DEFAULT_FILTERS))
     pairs, indices, deltas = _split(load_state_dict_file(path), path)
