@@ -29,6 +29,8 @@ CONFIG = os.path.join("configs", "inference", "demo.yaml")
 CONTROLNET = os.path.join("configs", "inference", "controlnet_demo_canny.yaml")
 LORA = os.path.join("models", "demo", "lora_zorb.safetensors")
 SIZE = 128
+# the attributes issue #9 sets accuracy targets for (size has none: its classes lie 0.04 of the side apart)
+CHECKED = ("shape", "colour", "position", "background")
 # the demo's sampling settings: its config's, which the CLI and the app use for this model too
 STAGE_C, STAGE_B = default_sampling(os.path.join(REPO, CONFIG))
 
@@ -106,12 +108,15 @@ def lora_effect(pipe, zorb_records, base_records):
         with_base = generate(pipe, base_prompts, base_records[0]["seed"])
     finally:
         lora.remove()
-    same = sum(detect(a).attributes() == detect(b).attributes() for a, b in zip(without_base, with_base))
+    before, after = [detect(i).attributes() for i in without_base], [detect(i).attributes() for i in with_base]
+    same = sum(a == b for a, b in zip(before, after))
+    same_checked = sum(all(a[k] == b[k] for k in CHECKED) for a, b in zip(before, after))
     diff = float(np.mean([np.abs(_to_tensor([a]) - _to_tensor([b])).mean().item()
                           for a, b in zip(without_base, with_base)]))
     return {"token_accuracy": lora_token_accuracy(with_zorb),
             "token_accuracy_without_lora": lora_token_accuracy(without_zorb),
             "base_prompts_same_detection": proportion(same, len(base_records)),
+            "base_prompts_same_shape_colour_position_background": proportion(same_checked, len(base_records)),
             "base_prompts_mean_abs_pixel_change": diff,
             "base_accuracy_with_lora": score([detect(i) for i in with_base], [r["attributes"] for r in base_records]),
             "base_accuracy_without_lora": score([detect(i) for i in without_base],

@@ -49,6 +49,9 @@ def card() -> str:
                       f"{cfg['lr']} | – |")
     total = sum(v["seconds"] for v in log.values()) / 60
     rec, cn, lora = ev["reconstruction"], ev["controlnet_canny"], ev["lora_zorb"]
+    if "base_prompts_same_shape_colour_position_background" not in lora:
+        raise SystemExit(f"{OUT}/eval.json predates this card (no four-attribute LoRA check): rerun "
+                         "`python -m demo.evaluate_model`")
     c, b = ev["stage_c_sampling"], ev["stage_b_sampling"]
     return f"""# Demo cascade (Stable Cascade architecture, trained by this repository)
 
@@ -120,7 +123,8 @@ The detector itself, on the ground-truth renders of the same prompts:
   control image: {cn['edge_iou_mean']:.3f} on average ({cn['n']} held-out scenes).
 - LoRA '[zorb]': the detector sees the zorb in {_ci(lora['token_accuracy'])} of '[zorb]' prompts
   (without the LoRA: {_ci(lora['token_accuracy_without_lora'])}). Prompts without the token: the detector reads
-  the same five attributes with and without the LoRA in {_ci(lora['base_prompts_same_detection'])};
+  the same five attributes with and without the LoRA in {_ci(lora['base_prompts_same_detection'])}, the same
+  shape, colour, position and background in {_ci(lora['base_prompts_same_shape_colour_position_background'])};
   mean absolute pixel change {lora['base_prompts_mean_abs_pixel_change']:.4f} (0–1 scale).
 
 ## Licence
