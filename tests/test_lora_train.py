@@ -191,7 +191,8 @@ def test_preserve_base_teaches_plain_captions_the_frozen_models_own_prediction(a
     """With preserve_base, a caption without the token learns what the file's Stage C predicts (an independent
     copy here), one with it keeps the data's target; the adapters' scales are back afterwards."""
     from core.weights import load_model
-    core = LoraCore(config_file_path=TINY_LORA, overrides=overrides(assets, tmp_path, preserve_base=True))
+    core = LoraCore(config_file_path=TINY_LORA, overrides=overrides(assets, tmp_path, preserve_base=True,
+                                                                     preserve_base_weight=16))
     extras = core.setup_extras_pre()
     models = core.setup_models(extras)
     torch.manual_seed(1)
@@ -206,14 +207,16 @@ def test_preserve_base_teaches_plain_captions_the_frozen_models_own_prediction(a
     target = torch.randn(4, 16, 8, 8)
     with torch.no_grad():
         before = models.generator(noised, noise_cond, **conditions)
-        out = core.training_target(batch, models, noised, noise_cond, conditions, target)
+        out, weight = core.training_target(batch, models, noised, noise_cond, conditions, target)
         after = models.generator(noised, noise_cond, **conditions)
         frozen = load_model(assets["stage_c"]).eval()
         plain = [1, 3]
         expected = frozen(noised[plain], noise_cond[plain], **{k: v[plain] for k, v in conditions.items()})
     assert torch.equal(out[[0, 2]], target[[0, 2]])
+    assert weight.tolist() == [1, 16, 1, 16]
     torch.testing.assert_close(out[plain], expected)
     assert not torch.allclose(before[plain], expected, atol=1e-3)  # the LoRA is on, and differs from the base
     assert torch.equal(before, after)  # scales restored
     unchanged = LoraCore(config_file_path=TINY_LORA, overrides=overrides(assets, tmp_path))
-    assert unchanged.training_target(batch, models, noised, noise_cond, conditions, target) is target
+    same, no_weight = unchanged.training_target(batch, models, noised, noise_cond, conditions, target)
+    assert same is target and no_weight is None

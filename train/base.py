@@ -253,9 +253,10 @@ class TrainingCore(DataCore):
     def decode_latents(self, latents, batch, models, extras) -> torch.Tensor:
         raise NotImplementedError
 
-    def training_target(self, batch, models, noised, noise_cond, conditions, target) -> torch.Tensor:
-        """What the generator learns to predict for the noised batch: the objective's target from the data."""
-        return target
+    def training_target(self, batch, models, noised, noise_cond, conditions, target) -> tuple:
+        """(what the generator learns to predict for the noised batch, a per-sample loss multiplier or None): the
+        objective's target from the data, every sample weighed alike."""
+        return target, None
 
     def noise(self, latents, generators) -> torch.Tensor:
         """The training noise for `latents`, one generator per sample."""
@@ -331,7 +332,9 @@ class TrainingCore(DataCore):
             noised, _, target, logSNR, noise_cond, loss_weight = extras.gdf.diffuse(
                 latents, epsilon=epsilon, t=t, shift=self.config.train_shift, loss_shift=self.config.train_shift,
                 generator=generators)
-        target = self.training_target(batch, models, noised, noise_cond, conditions, target)
+        target, sample_weight = self.training_target(batch, models, noised, noise_cond, conditions, target)
+        if sample_weight is not None:
+            loss_weight = loss_weight * sample_weight.to(loss_weight)
         pred = models.generator(noised, noise_cond, **conditions)
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
         loss_adjusted = (loss * loss_weight).mean() / self.config.grad_accum_steps

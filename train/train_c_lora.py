@@ -41,6 +41,9 @@ class LoraCore(WurstCoreC):
         # switched off) instead of the data's target: prompts without the tokens then keep their images, where
         # fitting the data would teach the LoRA to redraw them too.
         preserve_base: bool = False
+        # Their loss weight. Guidance multiplies a change of the conditional prediction by the CFG scale, so a
+        # LoRA that barely moves it still moves the guided image: about CFG² holds it there.
+        preserve_base_weight: float = 1.0
 
     @dataclasses.dataclass
     class Models(WurstCoreC.Models):
@@ -95,11 +98,11 @@ class LoraCore(WurstCoreC):
 
     def training_target(self, batch, models, noised, noise_cond, conditions, target):
         if not self.config.preserve_base:
-            return target
+            return target, None
         tokens = [token for token, _ in self.config.train_tokens]
         plain = torch.tensor([not any(token in caption for token in tokens) for caption in batch["captions"]])
         if not plain.any():
-            return target
+            return target, None
         keep = plain.to(target.device)
         adapters = list(models.lora["weights"])
         scales = [adapter.scale for adapter in adapters]
@@ -114,7 +117,7 @@ class LoraCore(WurstCoreC):
                 adapter.scale = scale
         target = target.clone()
         target[keep] = base.to(target.dtype)
-        return target
+        return target, torch.where(plain, self.config.preserve_base_weight, 1.0)
 
     def text_conditions(self, batch, models, is_unconditional=False, generators=None):
         """Stage C's text conditions, with gradients while training: the token deltas learn through the frozen text
