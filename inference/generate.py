@@ -5,6 +5,7 @@
 Each PNG carries the prompt, seed and every setting in its text chunks (key `parameters`, JSON).
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -120,11 +121,11 @@ def _progress(quiet):
 def run(pipe, args, callback=None, preview_every=0):
     """Parsed CLI settings → one pipeline call: (CascadeOutput, prompt of each image). The Gradio app calls this too,
     so the same settings and seed give the same pixels in both."""
-    from inference.config import default_image_size, default_sampling
-    from inference.pipeline import StageSampling
+    from inference.config import default_image_size, default_sampling, load_pipeline_config
     from inference.utils import load_image
     prompts = args.prompts or [DEFAULT_PROMPT]
-    side = default_image_size(args.config)
+    config = load_pipeline_config(args.config)  # read once for its defaults: size and sampling
+    side = default_image_size(config)
     height, width = args.height or side, args.width or side
     control = {}
     if args.controlnet or args.control_image or args.mask or args.outpaint:
@@ -139,15 +140,14 @@ def run(pipe, args, callback=None, preview_every=0):
         control = dict(controlnet=controlnet, control_image=image, outpaint=args.outpaint,
                        control_mask=load_mask(args.mask) if args.mask else None,
                        control_strength=args.control_strength)
-    default_c, default_b = default_sampling(args.config)  # a flag left unset takes the config's setting
-    stage_c = StageSampling(*(d if a is None else a for a, d in ((args.steps_c, default_c.steps),
-                                                                 (args.cfg_c, default_c.cfg),
-                                                                 (args.shift_c, default_c.shift))),
-                            args.sampler, args.cfg_rho)
-    stage_b = StageSampling(*(d if a is None else a for a, d in ((args.steps_b, default_b.steps),
-                                                                 (args.cfg_b, default_b.cfg),
-                                                                 (args.shift_b, default_b.shift))),
-                            args.sampler, args.cfg_rho)
+    default_c, default_b = default_sampling(config)
+
+    def sampling(default, steps, cfg, shift):  # a flag left unset keeps the config's setting
+        given = {k: v for k, v in dict(steps=steps, cfg=cfg, shift=shift).items() if v is not None}
+        return dataclasses.replace(default, **given, sampler=args.sampler, cfg_rho=args.cfg_rho)
+
+    stage_c = sampling(default_c, args.steps_c, args.cfg_c, args.shift_c)
+    stage_b = sampling(default_b, args.steps_b, args.cfg_b, args.shift_b)
     if args.reconstruct:
         out = pipe.reconstruct(load_image(args.reconstruct), compression=args.compression,
                                seed=args.seed or 0, stage_b=stage_b, callback=callback)
