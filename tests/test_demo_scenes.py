@@ -167,6 +167,19 @@ def test_psnr_and_dilated_edge_iou_against_closed_forms():
     assert 1 > ious[0] > ious[1] > ious[2] > 0.1
 
 
+def test_edge_maps_are_the_controlnets_own_input():
+    """The ControlNet score compares against the edges CannyFilter gave the ControlNet: colour Canny, which sees a
+    red diamond on green (nearly equal grey levels: grey Canny finds no edge there at all)."""
+    from modules.controlnet_filters import CannyFilter
+    for scene in (Scene("diamond", "red", "large", "right", "green", variant=48),
+                  Scene("circle", "blue", "small", "top left", "green", variant=5)):
+        image = scene.render(128)
+        pixels = torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1)[None]
+        control = CannyFilter(resize=None)(pixels)[0, 0].numpy() > 0
+        edges = evaluate.canny_edges(image)
+        assert edges.sum() > 50 and np.array_equal(edges, control)
+
+
 def test_evaluate_generator_scores_oracle_and_constant_generators():
     prompts = prompt_records(sample_heldout_scenes(60, 7))
     perfect = evaluate.evaluate_generator(lambda p, s: evaluate.render_prompts(p, s, 128), prompts, batch_size=25)
