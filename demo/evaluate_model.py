@@ -5,7 +5,8 @@
 - held-out prompts (attribute triples never trained on): accuracy per attribute, 95% Wilson intervals, chance;
   the detector's own accuracy on the ground-truth renders of the same prompts;
 - Stage A and Stages A+B as autoencoders: PSNR on held-out renders;
-- the Canny ControlNet: IoU of the dilated edge maps of the generated image and the control image;
+- the Canny ControlNet: IoU of the dilated edge maps of the generated image and the control image, beside the
+  same prompts and seeds without it and Stage B's own A+B reconstruction of the control scene (its ceiling);
 - the '[zorb]' LoRA: how often '[zorb]' prompts draw the zorb, and whether prompts without the token change;
 - seconds per image on this machine.
 """
@@ -58,11 +59,11 @@ def _batches(records, size):
 
 
 def heldout_accuracy(pipe, records, batch_size=50):
-    detections = []
+    """Scores per attribute, and the images (the ControlNet's reference without it: same prompts and seeds)."""
+    images = []
     for batch in _batches(records, batch_size):
-        images = generate(pipe, [r["prompt"] for r in batch], batch[0]["seed"])
-        detections.extend(detect(image) for image in images)
-    return score(detections, [r["attributes"] for r in records]), detections
+        images += generate(pipe, [r["prompt"] for r in batch], batch[0]["seed"])
+    return score([detect(image) for image in images], [r["attributes"] for r in records]), images
 
 
 def _to_tensor(images):
@@ -72,17 +73,19 @@ def _to_tensor(images):
 
 @torch.inference_mode()
 def reconstruction_psnr(pipe, renders):
-    """Mean PSNR of Stage A alone (encode → decode) and of Stages A+B (EfficientNet latents → Stage B → A)."""
+    """Mean PSNR of Stage A alone (encode → decode) and of Stages A+B (EfficientNet latents → Stage B → A), and
+    the A+B images: their edges against the renders' are the best a ControlNet on Stage C could reach."""
     from inference.utils import to_pil
     x = _to_tensor(renders)
     stage_a = pipe.stage_a.decode(pipe.stage_a.encode(x.to(pipe.device))[0]).float().clamp(0, 1).cpu()
-    ab = pipe.reconstruct(x, stage_b=STAGE_B, seed=0).images
+    ab = to_pil(pipe.reconstruct(x, stage_b=STAGE_B, seed=0).images)
     return {"stage_a_psnr_db": float(np.mean([psnr(r, o) for r, o in zip(renders, to_pil(stage_a))])),
-            "stage_ab_psnr_db": float(np.mean([psnr(r, o) for r, o in zip(renders, to_pil(ab))])), "n": len(renders)}
+            "stage_ab_psnr_db": float(np.mean([psnr(r, o) for r, o in zip(renders, ab)])), "n": len(renders)}, ab
 
 
-def controlnet_iou(pipe, records, batch_size=25):
-    """Each held-out scene's render is the control image, its caption the prompt."""
+def controlnet_iou(pipe, records, without, reconstructed, batch_size=25):
+    """Each held-out scene's render is the control image, its caption the prompt. `without`: the images of the same
+    prompts and seeds without the ControlNet; `reconstructed`: the renders through Stages A+B."""
     from inference.controlnet import load_controlnet
     controlnet = load_controlnet(pipe, os.path.join(REPO, CONTROLNET))
     ious = []
@@ -93,7 +96,13 @@ def controlnet_iou(pipe, records, batch_size=25):
         for i, r in enumerate(batch):  # one control image per prompt
             images += generate(pipe, [r["prompt"]], r["seed"], controlnet=controlnet, control_image=control[i:i + 1])
         ious += [dilated_iou(canny_edges(g), canny_edges(c)) for g, c in zip(images, renders)]
-    return {"edge_iou_mean": float(np.mean(ious)), "n": len(ious), "dilation_radius_px": 2}
+    renders = [Scene(**parse_caption(r["prompt"]), variant=r["seed"]).render(SIZE) for r in records]
+
+    def reference(images):
+        return float(np.mean([dilated_iou(canny_edges(g), canny_edges(c)) for g, c in zip(images, renders)]))
+    return {"edge_iou_mean": float(np.mean(ious)), "n": len(ious), "dilation_radius_px": 2,
+            "edge_iou_without_controlnet": reference(without[:len(records)]),
+            "edge_iou_ab_reconstruction": reference(reconstructed[:len(records)])}
 
 
 def lora_effect(pipe, zorb_records, base_records):
@@ -155,11 +164,11 @@ def main(argv=None):
           {k: round(v["accuracy"], 3) for k, v in result["detector_on_renders"].items()}, flush=True)
     result["timing"] = timing(pipe)
     print(f"[eval] {result['timing']['seconds_per_image']:.2f} s per image", flush=True)
-    result["heldout"], _ = heldout_accuracy(pipe, records)
+    result["heldout"], heldout_images = heldout_accuracy(pipe, records)
     print("[eval] held-out:", {k: round(v["accuracy"], 3) for k, v in result["heldout"].items()}, flush=True)
-    result["reconstruction"] = reconstruction_psnr(pipe, renders[:100])
+    result["reconstruction"], reconstructed = reconstruction_psnr(pipe, renders[:max(100, args.n_control)])
     print("[eval] reconstruction:", result["reconstruction"], flush=True)
-    result["controlnet_canny"] = controlnet_iou(pipe, records[:args.n_control])
+    result["controlnet_canny"] = controlnet_iou(pipe, records[:args.n_control], heldout_images, reconstructed)
     print("[eval] controlnet:", result["controlnet_canny"], flush=True)
     zorbs = prompt_records(sample_zorb_scenes(args.n_lora, [0, SPLIT_SEEDS["zorb_prompts"]]))
     result["lora_zorb"] = lora_effect(pipe, zorbs, records[:args.n_lora])
