@@ -35,7 +35,8 @@ def _ci(row):
 
 def card() -> str:
     ev = _load(os.path.join(OUT, "eval.json"))
-    log = _load(os.path.join(OUT, "build_log.json"))
+    # the card stage logs itself after writing the card: leave it out, so that the card regenerates identically
+    log = {k: v for k, v in _load(os.path.join(OUT, "build_log.json")).items() if k != "card"}
     files = sorted(f for f in os.listdir(OUT) if f.endswith(".safetensors"))
     sizes = {f: os.path.getsize(os.path.join(OUT, f)) for f in files}
     rows = [f"| {f} | {_params(f) / 1e6:.2f} M | {sizes[f] / 1e6:.2f} MB |" for f in files]
