@@ -1,6 +1,6 @@
 """Command line: text-to-image, image variation, image-to-image and A+B reconstruction.
 
-    python -m inference.generate --config configs/inference/tiny.yaml --prompt "a red square" --out outputs/
+    python -m inference.generate --prompt "a large red star in the top left on a blue background" --out outputs/
 
 Each PNG carries the prompt, seed and every setting in its text chunks (key `parameters`, JSON).
 """
@@ -11,9 +11,10 @@ import os
 import sys
 import time
 
-DEFAULT_PROMPT = "a small red circle in the top left on a blue background"
-# The model used when none is named (CLI, Gradio app, notebooks): random tiny weights until the embedded demo model.
-DEFAULT_CONFIG = "configs/inference/tiny.yaml"
+DEFAULT_PROMPT = "a large red star in the top left on a blue background"
+# The model used when none is named (CLI, Gradio app, notebooks): the embedded demo cascade (models/demo), 128²
+# scenes of simple shapes, trained by this repository and shipped with it.
+DEFAULT_CONFIG = "configs/inference/demo.yaml"
 # Without --config the CLI takes the first of these whose weights are downloaded, else DEFAULT_CONFIG.
 RELEASED_CONFIGS = [f"configs/inference/{v}.yaml" for v in ("big-big", "big-small", "small-big", "small-small")]
 
@@ -42,7 +43,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m inference.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None,
-                   help="pipeline YAML (configs/inference/{big-big,big-small,small-big,small-small,tiny}.yaml); "
+                   help="pipeline YAML (configs/inference/{big-big,big-small,small-big,small-small,demo,tiny}.yaml); "
                         f"default: the first released variant that is downloaded, else {DEFAULT_CONFIG}")
     p.add_argument("--prompt", action="append", dest="prompts", default=None,
                    help=f"text prompt; repeat --prompt for several (default: '{DEFAULT_PROMPT}')")

@@ -35,7 +35,8 @@ def _execute(path):
 
 
 def test_every_notebook_runs_top_to_bottom(monkeypatch):
-    """The kernels run side by side, one thread each: the tiny models gain nothing from more, the imports do."""
+    """The kernels run side by side, one thread each: the demo model's 128² images gain little from more threads,
+    the imports gain from running in parallel."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with ThreadPoolExecutor(max_workers=len(NOTEBOOKS)) as pool:
         results = dict(zip(NAMES, pool.map(_execute, NOTEBOOKS)))  # a failing cell raises CellExecutionError
