@@ -42,9 +42,12 @@ def load_demo(config=CONFIG, device="cpu"):
                          dtype=torch.float32)
 
 
-def generate(pipe, prompts, first_seed, **kwargs):
-    """PIL images of `prompts`, image i from seed first_seed + i (the pipeline's rule), at the demo size."""
-    out = pipe.generate(list(prompts), seed=first_seed, height=SIZE, width=SIZE, stage_c=STAGE_C, stage_b=STAGE_B,
+def generate(pipe, prompts, first_seed, sampling=None, **kwargs):
+    """PIL images of `prompts`, image i from seed first_seed + i (the pipeline's rule), at the demo size, sampled
+    as the CLI would: the config's settings, and a ControlNet's own over them (`sampling`: these instead)."""
+    stage_c, stage_b = sampling or (default_sampling(os.path.join(REPO, CONFIG), kwargs["controlnet"])
+                                    if kwargs.get("controlnet") is not None else (STAGE_C, STAGE_B))
+    out = pipe.generate(list(prompts), seed=first_seed, height=SIZE, width=SIZE, stage_c=stage_c, stage_b=stage_b,
                         **kwargs)
     return out.pil()
 
@@ -85,10 +88,13 @@ def reconstruction_psnr(pipe, renders):
 
 def controlnet_iou(pipe, records, without, reconstructed, batch_size=25):
     """Each held-out scene's render is the control image, its caption the prompt. `without`: the images of the same
-    prompts and seeds without the ControlNet; `reconstructed`: the renders through Stages A+B."""
+    prompts and seeds without the ControlNet at the pipeline's settings; `reconstructed`: the renders through
+    Stages A+B. When the ControlNet's config sets other sampling settings, the images without it at those settings
+    are scored too, so that what the ControlNet adds is told apart from what the settings do."""
     from inference.controlnet import load_controlnet
     controlnet = load_controlnet(pipe, os.path.join(REPO, CONTROLNET))
-    ious = []
+    sampling = default_sampling(os.path.join(REPO, CONFIG), controlnet)
+    ious, same_settings = [], []
     for batch in _batches(records, batch_size):
         renders = [Scene(**parse_caption(r["prompt"]), variant=r["seed"]).render(SIZE) for r in batch]
         control = _to_tensor(renders)
@@ -96,12 +102,18 @@ def controlnet_iou(pipe, records, without, reconstructed, batch_size=25):
         for i, r in enumerate(batch):  # one control image per prompt
             images += generate(pipe, [r["prompt"]], r["seed"], controlnet=controlnet, control_image=control[i:i + 1])
         ious += [dilated_iou(canny_edges(g), canny_edges(c)) for g, c in zip(images, renders)]
+        if sampling != (STAGE_C, STAGE_B):
+            plain = generate(pipe, [r["prompt"] for r in batch], batch[0]["seed"], sampling=sampling)
+            same_settings += [dilated_iou(canny_edges(g), canny_edges(c)) for g, c in zip(plain, renders)]
     renders = [Scene(**parse_caption(r["prompt"]), variant=r["seed"]).render(SIZE) for r in records]
 
     def reference(images):
         return float(np.mean([dilated_iou(canny_edges(g), canny_edges(c)) for g, c in zip(images, renders)]))
     return {"edge_iou_mean": float(np.mean(ious)), "n": len(ious), "dilation_radius_px": 2,
+            "stage_c_sampling": vars(sampling[0]),
             "edge_iou_without_controlnet": reference(without[:len(records)]),
+            "edge_iou_without_controlnet_same_settings": float(np.mean(same_settings)) if same_settings else
+            reference(without[:len(records)]),
             "edge_iou_ab_reconstruction": reference(reconstructed[:len(records)])}
 
 

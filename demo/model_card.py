@@ -50,7 +50,7 @@ def card() -> str:
                       f"{cfg['lr']} | – |")
     total = sum(v["seconds"] for v in log.values()) / 60
     rec, cn, lora = ev["reconstruction"], ev["controlnet_canny"], ev["lora_zorb"]
-    if "base_prompts_same_shape_colour_position_background" not in lora or "edge_iou_without_controlnet" not in cn:
+    if "base_prompts_same_shape_colour_position_background" not in lora or "edge_iou_without_controlnet_same_settings" not in cn:
         raise SystemExit(f"{OUT}/eval.json predates this card (no four-attribute LoRA check or ControlNet "
                          "references): rerun `python -m demo.evaluate_model`")
     c, b = ev["stage_c_sampling"], ev["stage_b_sampling"]
@@ -121,9 +121,11 @@ The detector itself, on the ground-truth renders of the same prompts:
 - Stage A reconstruction: {rec['stage_a_psnr_db']:.1f} dB PSNR; Stages A+B (16×16×16 latents → image):
   {rec['stage_ab_psnr_db']:.1f} dB ({rec['n']} held-out renders).
 - Canny ControlNet: IoU of the dilated (radius {cn['dilation_radius_px']} px) colour-Canny edge maps of generated
-  image and control image: {cn['edge_iou_mean']:.3f} on average ({cn['n']} held-out scenes; the target is 0.5).
-  The same prompts and seeds without the ControlNet: {cn['edge_iou_without_controlnet']:.3f}, since the captions
-  already name shape, size and place. Stage B's A+B reconstruction of the control scenes themselves, the most a
+  image and control image: {cn['edge_iou_mean']:.3f} on average ({cn['n']} held-out scenes; the target is 0.5;
+  Stage C at CFG {cn['stage_c_sampling']['cfg']}, the ControlNet config's setting).
+  The same prompts and seeds without the ControlNet: {cn['edge_iou_without_controlnet_same_settings']:.3f} at the
+  same settings, {cn['edge_iou_without_controlnet']:.3f} at the pipeline's; the captions already name shape, size
+  and place, so the edges add little. Stage B's A+B reconstruction of the control scenes themselves, the most a
   ControlNet on Stage C could reach: {cn['edge_iou_ab_reconstruction']:.3f}.
 - LoRA '[zorb]': the detector sees the zorb in {_ci(lora['token_accuracy'])} of '[zorb]' prompts
   (without the LoRA: {_ci(lora['token_accuracy_without_lora'])}). Prompts without the token: the detector reads

@@ -102,14 +102,15 @@ def load_pipeline_config(path_or_dict, overrides=None):
     _check_keys(PipelineConfig, values, where)
     values["stage_c"] = _stage(values["stage_c"], f"{where}: stage_c", base_dir)
     values["stage_b"] = _stage(values["stage_b"], f"{where}: stage_b", base_dir)
-    _check_sampling(values.get("sampling"), where)
+    check_sampling(values.get("sampling"), where)
     return PipelineConfig(**values, source=where)
 
 
 _SAMPLING_KEYS = ("steps", "cfg", "shift")
 
 
-def _check_sampling(sampling, where):
+def check_sampling(sampling, where):
+    """A config's `sampling` (pipeline or ControlNet): stage_c and/or stage_b, each with steps, cfg and shift."""
     if sampling is None:
         return
     if not isinstance(sampling, dict) or set(sampling) - {"stage_c", "stage_b"}:
@@ -121,13 +122,13 @@ def _check_sampling(sampling, where):
                               f"{list(_SAMPLING_KEYS)}")
 
 
-def default_sampling(path_or_config):
+def default_sampling(path_or_config, controlnet=None):
     """(Stage C, Stage B) StageSampling a pipeline config samples with when the user gives none: its `sampling`
-    over upstream's defaults."""
+    over upstream's defaults, and a loaded ControlNet's own `sampling` over both."""
     from inference.pipeline import STAGE_B_DEFAULTS, STAGE_C_DEFAULTS
     cfg = path_or_config if isinstance(path_or_config, PipelineConfig) else load_pipeline_config(path_or_config)
-    given = cfg.sampling or {}
-    return tuple(dataclasses.replace(default, **(given.get(stage) or {}))
+    given, extra = cfg.sampling or {}, getattr(controlnet, "sampling", None) or {}
+    return tuple(dataclasses.replace(default, **{**(given.get(stage) or {}), **(extra.get(stage) or {})})
                  for stage, default in (("stage_c", STAGE_C_DEFAULTS), ("stage_b", STAGE_B_DEFAULTS)))
 
 

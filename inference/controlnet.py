@@ -51,8 +51,9 @@ class LoadedControlNet:
     """A ControlNet with its filter. `output_scale`: the output is this many times the control image's size (2 for
     super resolution, else 1)."""
 
-    def __init__(self, name, model, control_filter, checkpoint_path=None):
+    def __init__(self, name, model, control_filter, checkpoint_path=None, sampling=None):
         self.name, self.model, self.filter, self.checkpoint_path = name, model, control_filter, checkpoint_path
+        self.sampling = sampling or {}  # its config's `sampling`: {stage_c/stage_b: {steps, cfg, shift}}
         self.output_scale = getattr(control_filter, "output_scale", 1)
 
     def check_size(self, image, height, width):
@@ -110,6 +111,8 @@ def load_controlnet(pipe, source):
     if not os.path.isfile(path):
         raise PipelineError(f"ControlNet config not found: {path}")
     cfg = ControlNetCore.Config.load(path, training=False)
+    from inference.config import check_sampling
+    check_sampling(cfg.sampling, path)
     version = "3.6B" if cfg.model_version == "3B" else cfg.model_version
     if preset is not None and version != preset:
         raise PipelineError(f"{path} is a ControlNet for the {version} Stage C, but the pipeline's is {preset}")
@@ -136,4 +139,4 @@ def load_controlnet(pipe, source):
             from inference.loading import _break_zero_init
             _break_zero_init(model)  # a fresh ControlNet is a no-op; a random one shows its effect
     model.eval().requires_grad_(False).to("cpu" if pipe.offload else pipe.device)
-    return LoadedControlNet(name, model, control_filter, checkpoint)
+    return LoadedControlNet(name, model, control_filter, checkpoint, cfg.sampling)

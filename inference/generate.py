@@ -141,7 +141,7 @@ def run(pipe, args, callback=None, preview_every=0):
         control = dict(controlnet=controlnet, control_image=image, outpaint=args.outpaint,
                        control_mask=load_mask(args.mask) if args.mask else None,
                        control_strength=args.control_strength)
-    default_c, default_b = default_sampling(config)
+    default_c, default_b = default_sampling(config, control.get("controlnet"))
 
     def sampling(default, steps, cfg, shift):  # a flag left unset keeps the config's setting
         given = {k: v for k, v in dict(steps=steps, cfg=cfg, shift=shift).items() if v is not None}

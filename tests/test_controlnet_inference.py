@@ -252,3 +252,26 @@ def test_a_controlnet_trained_against_another_objective_is_refused(pipe, tmp_pat
     loaded = load_controlnet(pipe, str(tmp_path / "epsilon.yaml"))
     for name, value in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], value), name
+
+
+def test_a_controlnet_config_sets_its_own_sampling_over_the_pipelines(pipe, tmp_path):
+    """The demo's Canny ControlNet samples Stage C at CFG 2: a ControlNet config's `sampling` overrides the
+    pipeline config's for the stages it names (the CLI's flags still override both, as for a pipeline config)."""
+    import yaml
+    from inference.config import ConfigError, default_sampling
+    config = yaml.safe_load(open(os.path.join(ROOT, "configs", "inference", "controlnet_tiny_canny.yaml")))
+    with open(tmp_path / "cn.yaml", "w") as f:
+        yaml.safe_dump({**config, "sampling": {"stage_c": {"cfg": 2.5, "shift": 3.0}}}, f)
+    controlnet = load_controlnet(pipe, str(tmp_path / "cn.yaml"))
+    plain_c, plain_b = default_sampling(TINY)
+    stage_c, stage_b = default_sampling(TINY, controlnet)
+    assert (stage_c.cfg, stage_c.shift, stage_c.steps) == (2.5, 3.0, plain_c.steps) and stage_b == plain_b
+    assert default_sampling(TINY, load_controlnet(pipe, "canny")) == (plain_c, plain_b)  # none given: unchanged
+    demo_c, _ = default_sampling(os.path.join(ROOT, "configs", "inference", "demo.yaml"),
+                                 types.SimpleNamespace(sampling=yaml.safe_load(open(os.path.join(
+                                     ROOT, "configs", "inference", "controlnet_demo_canny.yaml")))["sampling"]))
+    assert (demo_c.cfg, demo_c.steps, demo_c.shift) == (2.0, 20, 2.0)
+    with open(tmp_path / "bad.yaml", "w") as f:
+        yaml.safe_dump({**config, "sampling": {"stage_c": {"guidance": 2.5}}}, f)
+    with pytest.raises(ConfigError, match=r"sampling.stage_c: unknown key\(s\) \['guidance'\]"):
+        load_controlnet(pipe, str(tmp_path / "bad.yaml"))

@@ -90,6 +90,10 @@ class ControlNetCore(WurstCoreC):
         controlnet_bottleneck_mode: Optional[Literal["effnet", "simple", "large", "conv", "conv16"]] = None
         controlnet_checkpoint_path: Optional[str] = None  # ControlNet weights to start from
         offset_noise: Optional[float] = None  # per-channel offset noise (upstream: 0.1 for inpainting and SR)
+        # inference only: sampling settings (like a pipeline config's `sampling`) used with this ControlNet unless
+        # the user gives others, over the pipeline's; e.g. a lower Stage C CFG, which amplifies the prompt, not
+        # the control (its residuals enter both branches)
+        sampling: Optional[dict] = None
 
     @dataclasses.dataclass
     class Models(WurstCoreC.Models):
