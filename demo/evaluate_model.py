@@ -94,27 +94,23 @@ def controlnet_iou(pipe, records, without, reconstructed, batch_size=25):
     from inference.controlnet import load_controlnet
     controlnet = load_controlnet(pipe, os.path.join(REPO, CONTROLNET))
     sampling = default_sampling(os.path.join(REPO, CONFIG), controlnet)
-    ious, same_settings = [], []
-    for batch in _batches(records, batch_size):
-        renders = [Scene(**parse_caption(r["prompt"]), variant=r["seed"]).render(SIZE) for r in batch]
-        control = _to_tensor(renders)
-        images = []
-        for i, r in enumerate(batch):  # one control image per prompt
-            images += generate(pipe, [r["prompt"]], r["seed"], controlnet=controlnet, control_image=control[i:i + 1])
-        ious += [dilated_iou(canny_edges(g), canny_edges(c)) for g, c in zip(images, renders)]
-        if sampling != (STAGE_C, STAGE_B):
-            plain = generate(pipe, [r["prompt"] for r in batch], batch[0]["seed"], sampling=sampling)
-            same_settings += [dilated_iou(canny_edges(g), canny_edges(c)) for g, c in zip(plain, renders)]
     renders = [Scene(**parse_caption(r["prompt"]), variant=r["seed"]).render(SIZE) for r in records]
+    control, edges = _to_tensor(renders), [canny_edges(render) for render in renders]
+    images, plain = [], []
+    for i, r in enumerate(records):  # one control image per prompt
+        images += generate(pipe, [r["prompt"]], r["seed"], sampling=sampling, controlnet=controlnet,
+                           control_image=control[i:i + 1])
+    if sampling != (STAGE_C, STAGE_B):
+        for batch in _batches(records, batch_size):
+            plain += generate(pipe, [r["prompt"] for r in batch], batch[0]["seed"], sampling=sampling)
 
-    def reference(images):
-        return float(np.mean([dilated_iou(canny_edges(g), canny_edges(c)) for g, c in zip(images, renders)]))
-    return {"edge_iou_mean": float(np.mean(ious)), "n": len(ious), "dilation_radius_px": 2,
+    def iou(generated):  # against the first len(records) images of `generated`
+        return float(np.mean([dilated_iou(canny_edges(g), e) for g, e in zip(generated, edges)]))
+    return {"edge_iou_mean": iou(images), "n": len(images), "dilation_radius_px": 2,
             "stage_c_sampling": vars(sampling[0]),
-            "edge_iou_without_controlnet": reference(without[:len(records)]),
-            "edge_iou_without_controlnet_same_settings": float(np.mean(same_settings)) if same_settings else
-            reference(without[:len(records)]),
-            "edge_iou_ab_reconstruction": reference(reconstructed[:len(records)])}
+            "edge_iou_without_controlnet": iou(without),
+            "edge_iou_without_controlnet_same_settings": iou(plain or without),
+            "edge_iou_ab_reconstruction": iou(reconstructed)}
 
 
 def lora_effect(pipe, zorb_records, base_records):
