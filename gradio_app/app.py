@@ -28,7 +28,8 @@ DEFAULT_MODEL = DEFAULT_CONFIG  # the model the app opens with, first in the sel
 CONFIG_DIR = os.path.join(ROOT, "configs", "inference")
 CLI_DEFAULTS = build_parser().parse_args([])
 MAX_SEED = 2**31 - 1
-MODES = ("text-to-image", "variation", "image-to-image", "canny", "inpainting", "sr")
+CONTROLNET_MODES = ("canny", "inpainting", "sr")
+MODES = ("text-to-image", "variation", "image-to-image", *CONTROLNET_MODES)
 
 
 def _rel(path):
@@ -75,10 +76,15 @@ def default_size(model):
     return default_image_size(model)
 
 
-def default_steps_and_cfg(model):
-    """The CLI's (steps C, CFG C, steps B, CFG B) for a pipeline config: its `sampling`, else upstream's."""
+def default_steps_and_cfg(model, mode="text-to-image"):
+    """The CLI's (steps C, CFG C, steps B, CFG B) for a pipeline config and a tab: its `sampling`, else upstream's;
+    on a ControlNet tab that ControlNet's own `sampling` over both (the demo's Canny ControlNet samples at CFG 2)."""
     from inference.config import default_sampling
-    stage_c, stage_b = default_sampling(model)
+    controlnet = None
+    if mode in CONTROLNET_MODES:
+        from inference.controlnet import controlnet_sampling
+        controlnet = controlnet_sampling(model, mode)
+    stage_c, stage_b = default_sampling(model, controlnet)
     return stage_c.steps, stage_c.cfg, stage_b.steps, stage_b.cfg
 
 
@@ -99,7 +105,7 @@ def cli_arguments(mode, model, prompt, negative, seed, height, width, num_images
         argv += ["--variation", image]
     elif mode == "image-to-image":
         argv += ["--image", image, "--strength", str(float(strength))]
-    elif mode in ("canny", "inpainting", "sr"):
+    elif mode in CONTROLNET_MODES:
         argv += ["--controlnet", mode, "--control-image", image, "--control-strength", str(float(control_strength))]
         argv += ["--mask", mask] if mask else []
         argv += ["--outpaint"] if outpaint else []
@@ -231,31 +237,60 @@ def build_demo(runner, out_dir, models=None, loras=None):
             cfg_c = gr.Slider(1, 15, value=first_cfg_c, step=0.1, label="Stage C CFG", elem_id="cfg_c")
             steps_b = gr.Slider(1, 40, value=first_steps_b, step=1, label="Stage B steps", elem_id="steps_b")
             cfg_b = gr.Slider(1, 5, value=first_cfg_b, step=0.1, label="Stage B CFG", elem_id="cfg_b")
-        model.change(lambda m: (default_size(m), default_size(m), *default_steps_and_cfg(m)), model,
-                     [height, width, steps_c, cfg_c, steps_b, cfg_b])
+        sliders = [steps_c, cfg_c, steps_b, cfg_b]
+        # The sliders show what the CLI would use for the chosen model and tab: a ControlNet may set its own
+        # sampling (the demo's Canny one samples Stage C at CFG 2), and the app always passes the sliders' values.
+        mode = gr.State("text-to-image")  # the tab whose settings the sliders show
+        controlnet_mode = gr.State("canny")  # the ControlNet sub-tab last chosen (shown when "ControlNet" is)
+        model.change(lambda m, tab: (default_size(m), default_size(m), *default_steps_and_cfg(m, tab)),
+                     [model, mode], [height, width, *sliders])
+
+        def switch(model_path, old, new):
+            """(mode, sliders) for a move from tab `old` to tab `new`: a slider whose default differs between them
+            takes the new default; one whose default they share keeps what the user set."""
+            before, after = default_steps_and_cfg(model_path, old), default_steps_and_cfg(model_path, new)
+            return (new, *(a if a != b else gr.skip() for a, b in zip(after, before)))
+
+        def on_select(tab, new=None):
+            """`tab`.select moves the sliders to mode `new`; for the outer ControlNet tab (new None) to its
+            sub-tab last chosen, and a sub-tab also becomes that."""
+            if new is None:
+                tab.select(lambda m, old, cn: switch(m, old, cn), [model, mode, controlnet_mode], [mode, *sliders])
+            elif new in CONTROLNET_MODES:
+                tab.select(lambda m, old: (*switch(m, old, new), new), [model, mode], [mode, *sliders, controlnet_mode])
+            else:
+                tab.select(lambda m, old: switch(m, old, new), [model, mode], [mode, *sliders])
+
         with gr.Tabs():
-            with gr.Tab("Text to image"):
+            with gr.Tab("Text to image", elem_id="tab-text-to-image") as tab:
                 run_t2i = gr.Button("Run", variant="primary", elem_id="run-text-to-image")
-            with gr.Tab("Image variation"):
+            on_select(tab, "text-to-image")
+            with gr.Tab("Image variation", elem_id="tab-variation") as tab:
                 variation_image = gr.Image(type="filepath", label="Image")
                 run_var = gr.Button("Run", variant="primary", elem_id="run-variation")
-            with gr.Tab("Image to image"):
+            on_select(tab, "variation")
+            with gr.Tab("Image to image", elem_id="tab-image-to-image") as tab:
                 init_image = gr.Image(type="filepath", label="Image")
                 strength = gr.Slider(0, 1, value=d.strength, step=0.05, label="Strength")
                 run_i2i = gr.Button("Run", variant="primary", elem_id="run-image-to-image")
-            with gr.Tab("ControlNet"):
+            on_select(tab, "image-to-image")
+            with gr.Tab("ControlNet", elem_id="tab-controlnet") as tab:
                 control_strength = gr.Slider(0, 2, value=d.control_strength, step=0.05, label="Control strength")
                 with gr.Tabs():
-                    with gr.Tab("Canny edges"):
+                    with gr.Tab("Canny edges", elem_id="tab-canny") as sub:
                         canny_image = gr.Image(type="filepath", label="Image")
                         run_canny = gr.Button("Run", variant="primary", elem_id="run-canny")
-                    with gr.Tab("Inpainting"):
+                    on_select(sub, "canny")
+                    with gr.Tab("Inpainting", elem_id="tab-inpainting") as sub:
                         mask_editor = gr.ImageMask(type="numpy", label="Image: draw the region to fill")
                         outpaint = gr.Checkbox(label="Outpaint (fill outside the drawn region)")
                         run_inpaint = gr.Button("Run", variant="primary", elem_id="run-inpainting")
-                    with gr.Tab("Super resolution"):
+                    on_select(sub, "inpainting")
+                    with gr.Tab("Super resolution", elem_id="tab-sr") as sub:
                         sr_image = gr.Image(type="filepath", label="Image (the output is twice its size)")
                         run_sr = gr.Button("Run", variant="primary", elem_id="run-sr")
+                    on_select(sub, "sr")
+            on_select(tab)
             with gr.Tab("LoRA"):
                 lora = gr.Dropdown([("none", "")] + [(p, p) for p in loras], value="", label="LoRA",
                                    info="LoRA configs in configs/inference/ and LoRA files under models/")

@@ -124,10 +124,11 @@ def check_sampling(sampling, where):
 
 def default_sampling(path_or_config, controlnet=None):
     """(Stage C, Stage B) StageSampling a pipeline config samples with when the user gives none: its `sampling`
-    over upstream's defaults, and a loaded ControlNet's own `sampling` over both."""
+    over upstream's defaults, and a ControlNet's own `sampling` (a loaded one's, or the dict itself) over both."""
     from inference.pipeline import STAGE_B_DEFAULTS, STAGE_C_DEFAULTS
     cfg = path_or_config if isinstance(path_or_config, PipelineConfig) else load_pipeline_config(path_or_config)
-    given, extra = cfg.sampling or {}, getattr(controlnet, "sampling", None) or {}
+    extra = controlnet if isinstance(controlnet, dict) else getattr(controlnet, "sampling", None)
+    given, extra = cfg.sampling or {}, extra or {}
     return tuple(dataclasses.replace(default, **{**(given.get(stage) or {}), **(extra.get(stage) or {})})
                  for stage, default in (("stage_c", STAGE_C_DEFAULTS), ("stage_b", STAGE_B_DEFAULTS)))
 

@@ -33,6 +33,23 @@ def controlnet_config_path(source, stage_c_preset):
     return os.path.join(ROOT, "configs", "inference", f"controlnet_{infix}_{source}.yaml")
 
 
+def controlnet_sampling(pipeline_config, source) -> dict:
+    """The `sampling` of the ControlNet config `source` names for a pipeline config's Stage C, read without loading
+    any weights (what the app's sliders show on a ControlNet tab); {} when there is no such config or it sets none."""
+    from inference.config import PipelineConfig, check_sampling, load_pipeline_config
+    cfg = pipeline_config if isinstance(pipeline_config, PipelineConfig) else load_pipeline_config(pipeline_config)
+    try:
+        path = controlnet_config_path(source, cfg.stage_c.model_version)
+    except PipelineError:
+        return {}
+    if not os.path.isfile(path):
+        return {}
+    from train.train_c_controlnet import ControlNetCore
+    sampling = ControlNetCore.Config.load(path, training=False).sampling or {}
+    check_sampling(sampling, path)
+    return sampling
+
+
 def load_mask(path):
     """A mask image file as 1×1×H×W bool: white (> 50% grey) marks the pixels to fill."""
     import numpy as np

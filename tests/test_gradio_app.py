@@ -52,6 +52,20 @@ def test_form_becomes_the_cli_arguments_of_each_mode():
         app.cli_arguments("sketch", **common)
 
 
+def test_sliders_default_to_the_clis_sampling_of_each_tab():
+    """On a ControlNet tab the ControlNet config's own `sampling` applies, as in the CLI: the demo's Canny ControlNet
+    samples Stage C at CFG 2 where the demo pipeline uses 4; a model without such a config keeps its own."""
+    from inference.config import default_sampling
+    from inference.controlnet import controlnet_sampling
+    assert app.default_steps_and_cfg(app.DEFAULT_MODEL) == (20, 4.0, 10, 2.0)
+    assert app.default_steps_and_cfg(app.DEFAULT_MODEL, "variation") == (20, 4.0, 10, 2.0)
+    assert app.default_steps_and_cfg(app.DEFAULT_MODEL, "canny") == (20, 2.0, 10, 2.0)
+    assert controlnet_sampling(app.DEFAULT_MODEL, "inpainting") == {}  # the demo has no inpainting ControlNet
+    assert app.default_steps_and_cfg(app.DEFAULT_MODEL, "inpainting") == (20, 4.0, 10, 2.0)
+    tiny_c, tiny_b = default_sampling(TINY)
+    assert app.default_steps_and_cfg(TINY, "canny") == (tiny_c.steps, tiny_c.cfg, tiny_b.steps, tiny_b.cfg)
+
+
 def test_model_list_starts_with_the_default_and_keeps_only_configs_with_weights(tmp_path):
     (tmp_path / "tiny2.yaml").write_text("random_weights: true\nstage_c: {model_version: tiny}\n"
                                          "stage_b: {model_version: tiny}\n")
@@ -212,6 +226,15 @@ def test_browser_run_shows_the_clis_pixels(tmp_path):
             assert page.locator("#preview img").count() == 1  # the last Stage C preview stays shown
             assert "1 image(s)" in page.locator("#status").inner_text()
             assert "--seed 1234" in page.locator("#command textarea").input_value()
+            # the ControlNet tab shows the Canny ControlNet's CFG; the steps the user set stay
+            from playwright.sync_api import expect
+            cfg_c, steps_c = page.locator("#cfg_c input[type=number]"), page.locator("#steps_c input[type=number]")
+            expect(cfg_c).to_have_value("4")
+            page.get_by_role("tab", name="ControlNet").click()
+            expect(cfg_c).to_have_value("2")
+            expect(steps_c).to_have_value("2")
+            page.get_by_role("tab", name="Text to image").click()
+            expect(cfg_c).to_have_value("4")
             browser.close()
     finally:
         server.terminate()
