@@ -7,6 +7,7 @@ a config's `train_tokens` (upstream's way, configs/inference/lora_c_3b.yaml); fi
 with the filters, rank and alpha, in their metadata. Training and inference register tokens with the same
 `add_tokens`, so a token's row is the same initial row plus the trained delta in both.
 """
+import contextlib
 import json
 import os
 import re
@@ -159,13 +160,17 @@ class LoadedLoRA:
     tokenizer, at their initial rows.
     """
 
-    def __init__(self, path, targets, adapters, table, retoken, tokens, alpha, rank, registry=None):
+    def __init__(self, path, targets, adapters, table, retoken, tokens, alpha, rank, registry=None,
+                 token_gated=False, token_ids=()):
         self.path, self.tokens, self.alpha, self.rank = path, tokens, alpha, rank
         self._pairs = [(module, name, a) for (_, module, name), a in zip(targets, adapters)]
         if retoken is not None:
             self._pairs.append((table, "weight", retoken))
         self._scale, self.merged, self.attached = 1.0, False, False
         self.registry = registry if registry is not None else []  # the loaded LoRAs of a pipeline, this one among them
+        # Stage C uses a token-gated LoRA only for the rows whose text holds one of its tokens (`rows`, `disabled`)
+        self.token_gated = bool(token_gated)
+        self.token_ids = list(token_ids)  # the ids of `tokens`
 
     @property
     def scale(self):
@@ -188,11 +193,32 @@ class LoadedLoRA:
             parametrize.register_parametrization(module, name, p)
         self.attached = True
 
+    def rows(self, token_ids):
+        """Which rows of tokenised texts (B×L ids) hold one of this LoRA's tokens: where a token-gated LoRA acts."""
+        wanted = torch.tensor(self.token_ids, dtype=token_ids.dtype, device=token_ids.device)
+        return torch.isin(token_ids, wanted).any(dim=1)
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Stage C without this LoRA's adapters for the duration (scale 0 adds exact zeros: the base weights)."""
+        adapters = [p for _, _, p in self._pairs if isinstance(p, LoRA)]
+        scales = [a.scale for a in adapters]
+        try:
+            for a in adapters:
+                a.scale = 0.0
+            yield
+        finally:
+            for a, scale in zip(adapters, scales):
+                a.scale = scale
+
     @torch.no_grad()
     def merge(self):
         """Folds the updates into the weights (under any other LoRA still attached)."""
         if self.merged:
             return
+        if self.token_gated:
+            raise LoraError(f"{self.path} is token-gated (it acts only on prompts holding {self.tokens}), so it "
+                            "cannot be merged into weights every prompt shares: load it unmerged")
         self._undo()
         for module, name, p in self._pairs:
             base = _stored(module, name)
@@ -223,7 +249,8 @@ class LoadedLoRA:
             self.attached = False
 
     def describe(self):
-        return {"path": self.path, "scale": self.scale, "merged": self.merged, "tokens": self.tokens}
+        out = {"path": self.path, "scale": self.scale, "merged": self.merged, "tokens": self.tokens}
+        return {**out, "token_gated": True} if self.token_gated else out
 
 
 # ---------------------------------------------------------------------------------------------------- the files
@@ -295,7 +322,8 @@ def apply_lora_file(stage_c, text_model, tokenizer, path, scale=1.0, merge=False
     """
     path = os.fspath(path)
     meta = read_metadata(path)
-    recorded = {k: json.loads(meta[k]) for k in ("train_tokens", "module_filters", "rank", "alpha") if k in meta}
+    recorded = {k: json.loads(meta[k]) for k in ("train_tokens", "module_filters", "rank", "alpha", "token_gated")
+                if k in meta}
     for key, given in (("train_tokens", train_tokens), ("module_filters", module_filters), ("rank", rank)):
         if given is not None and key in recorded and json.loads(json.dumps(given)) != recorded[key]:
             raise LoraError(f"{path}: its metadata says {key}={recorded[key]!r} but {given!r} was given")
@@ -308,6 +336,12 @@ def apply_lora_file(stage_c, text_model, tokenizer, path, scale=1.0, merge=False
     targets = lora_targets(stage_c, filters)
     rank = _check_fit(pairs, targets, filters, recorded.get("rank", rank), path)
     alpha = recorded.get("alpha", 1.0)
+    token_gated = bool(recorded.get("token_gated", False))
+    if token_gated and not indices:
+        raise LoraError(f"{path} is token-gated but trains no token: nothing could switch it on")
+    if token_gated and merge:
+        raise LoraError(f"{path} is token-gated (it acts only on prompts holding its tokens), so it cannot be "
+                        "merged into weights every prompt shares: load it without merging (no --merge-lora)")
 
     table, rows = _table(text_model)
     if indices:
@@ -327,7 +361,7 @@ def apply_lora_file(stage_c, text_model, tokenizer, path, scale=1.0, merge=False
             raise LoraError(f"{path}: its token deltas are {deltas.shape[1]} wide but the text encoder's embeddings "
                             f"{rows.shape[1]}: a LoRA for another text encoder")
 
-    retoken, tokens = None, []
+    retoken, tokens, ids = None, [], []
     if indices:
         mapping = add_tokens(tokenizer, text_model, train_tokens)
         table, rows = _table(text_model)
@@ -342,7 +376,7 @@ def apply_lora_file(stage_c, text_model, tokenizer, path, scale=1.0, merge=False
         with torch.no_grad():
             lora.lora_down.copy_(down), lora.lora_up.copy_(up)
         adapters.append(lora)
-    loaded = LoadedLoRA(path, targets, adapters, table, retoken, tokens, alpha, rank, registry)
+    loaded = LoadedLoRA(path, targets, adapters, table, retoken, tokens, alpha, rank, registry, token_gated, ids)
     loaded.scale = scale
     loaded.attach()
     if merge:
@@ -364,8 +398,75 @@ def load_lora(pipe, source, scale=1.0, merge=False, train_tokens=None, module_fi
                            train_tokens=train_tokens, module_filters=module_filters, rank=rank, registry=pipe.loras)
 
 
-def lora_metadata(train_tokens, module_filters, rank, alpha=1.0):
+def lora_metadata(train_tokens, module_filters, rank, alpha=1.0, token_gated=False):
     """The safetensors metadata of a LoRA file written here: what loading needs to rebuild its tokens and check
-    its fit, which released files lack."""
-    return {"train_tokens": json.dumps(train_tokens), "module_filters": json.dumps(list(module_filters)),
+    its fit, which released files lack; and whether it is token-gated (see `token_gated_rows`)."""
+    meta = {"train_tokens": json.dumps(train_tokens), "module_filters": json.dumps(list(module_filters)),
             "rank": json.dumps(int(rank)), "alpha": json.dumps(float(alpha))}
+    return {**meta, "token_gated": "true"} if token_gated else meta
+
+
+# --------------------------------------------------------------------------------------------- token gating
+def text_token_ids(tokenizer, texts):
+    """B×L token ids of `texts` as the text encoder reads them (padded, truncated to its length): what decides
+    whether a token-gated LoRA acts on a row, in training and at inference alike."""
+    from core.conditioning import MAX_TOKENS
+    return tokenizer(list(texts), truncation=True, padding="max_length", return_tensors="pt",
+                     max_length=min(tokenizer.model_max_length, MAX_TOKENS)).input_ids
+
+
+def token_gated_rows(loras, token_ids):
+    """For the token-gated LoRAs among `loras`: B×n bools, row i column j true when text i (tokenised, B×L ids)
+    holds a token of the j-th, i.e. when Stage C should use it for that row; None when none is token-gated."""
+    gated = [lora for lora in loras if lora.token_gated]
+    if not gated:
+        return None
+    return torch.stack([lora.rows(token_ids) for lora in gated], dim=1)
+
+
+class TokenGatedStageC:
+    """Stage C for a batch under token-gated LoRAs: the rows that share a pattern of `lora_rows` (the model input
+    `token_gated_rows` makes) run together, each gated LoRA switched off where its column is false.
+
+    So a prompt without a LoRA's token, and every unconditional row, gets Stage C's own prediction: the LoRA
+    cannot change what those prompts draw, and guidance pushes from the base model's unconditional prediction.
+    """
+
+    def __init__(self, model, loras):
+        self.model, self.gated = model, [lora for lora in loras if lora.token_gated]
+
+    def __call__(self, x, r, lora_rows=None, **inputs):
+        if lora_rows is None:
+            return self.model(x, r, **inputs)
+        patterns = torch.unique(lora_rows, dim=0)
+        if len(patterns) == 1:
+            with self._only(patterns[0]):
+                return self.model(x, r, **inputs)
+        out = None
+        for pattern in patterns:
+            index = (lora_rows == pattern).all(dim=1).nonzero().squeeze(1)
+            with self._only(pattern):
+                part = self.model(x[index], r[index], **_select_rows(inputs, index, x.size(0)))
+            if out is None:
+                out = part.new_empty((x.size(0), *part.shape[1:]))
+            out[index] = part
+        return out
+
+    @contextlib.contextmanager
+    def _only(self, pattern):
+        with contextlib.ExitStack() as stack:
+            for lora, on in zip(self.gated, pattern.tolist()):
+                if not on:
+                    stack.enter_context(lora.disabled())
+            yield
+
+
+def _select_rows(value, index, batch):
+    """`value` (a model input: tensor, list, tuple, dict or other) with its batch rows narrowed to `index`."""
+    if torch.is_tensor(value):
+        return value[index] if value.dim() and value.size(0) == batch else value
+    if isinstance(value, dict):
+        return {k: _select_rows(v, index, batch) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_select_rows(v, index, batch) for v in value)
+    return value

@@ -11,6 +11,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from core.conditioning import (effnet_preprocess, encode_clip_image, encode_text)
+from inference.lora import TokenGatedStageC, text_token_ids, token_gated_rows
 from inference.utils import calculate_latent_sizes, to_pil
 from modules.gdf import (GDF, CosineSchedule, CosineTNoiseCond, DDIMSampler, DDPMSampler, EpsilonTarget,
                          LCMSampler, P2LossWeight, VPScaler, VTarget, X0Target)
@@ -161,6 +162,15 @@ class StableCascadePipeline:
             uncond = encode_text(text_model, self.tokenizer, negative_prompts, device=self.device)
         return cond, uncond
 
+    def _token_gated_rows(self, prompts, negative_prompts):
+        """(prompt rows, negative-prompt rows) of `inference.lora.token_gated_rows` for the loaded LoRAs, from the
+        texts as the text encoder reads them (tokenised, truncated); None without a token-gated LoRA."""
+        if not any(lora.token_gated for lora in self.loras):
+            return None
+        rows = token_gated_rows(self.loras, text_token_ids(self.tokenizer, [*prompts, *negative_prompts]))
+        rows = rows.to(self.device)
+        return rows[:len(prompts)], rows[len(prompts):]
+
     @torch.inference_mode()
     def encode_effnet(self, images):
         """[0,1] images (B×3×H×W) → EfficientNet latents B×16×H/32×W/32."""
@@ -262,6 +272,9 @@ class StableCascadePipeline:
         cond_c = {"clip_text": cond["clip_text"], "clip_text_pooled": cond["clip_text_pooled"], "clip_img": clip_img}
         uncond_c = {"clip_text": uncond["clip_text"], "clip_text_pooled": uncond["clip_text_pooled"],
                     "clip_img": uncond_img}
+        gated = self._token_gated_rows(prompts, negatives)
+        if gated is not None:  # token-gated LoRAs act on the rows whose text holds their tokens only
+            cond_c["lora_rows"], uncond_c["lora_rows"] = gated
         control = None
         if controlnet is not None:  # the same residuals in both CFG branches (SPEC §5)
             cond_c["cnet"], control = controlnet.residuals(self, control_image, shape_c, control_mask, outpaint,
@@ -290,6 +303,8 @@ class StableCascadePipeline:
                 latents_c = clean  # strength 0 (or too few steps): the input image's own latents
             else:
                 with self._on_device(self.stage_c) as model:
+                    if gated is not None:
+                        model = TokenGatedStageC(model, self.loras)
                     latents_c = self._sample("C", model, self.gdf_c, cond_c, uncond_c, shape_c, settings_c,
                                              generators_c, x_init=x_init, t_start=t_start,
                                              callback=self._preview_callback(callback, preview_every))

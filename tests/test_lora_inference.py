@@ -402,3 +402,57 @@ def test_a_lora_trained_against_another_objective_is_refused(clean, tmp_path):
     assert not pipe.loras and not parametrized(pipe.stage_c, pipe.text_model)
     pipe.load_lora(tmp_path / "epsilon.safetensors")
     assert len(pipe.loras) == 1
+
+
+# ---------------------------------------------------------------------------------------------- token gating
+def test_token_gated_stage_c_runs_each_row_with_or_without_the_lora(tmp_path):
+    """Rows flagged for a gated LoRA equal Stage C with it, the others Stage C without it, whatever their order."""
+    from inference.lora import TokenGatedStageC
+    model = narrow_stage_c()
+    tokenizer, text = text_encoder()
+    write_lora(tmp_path / "l.safetensors", model, ids=[49408], metadata={
+        "train_tokens": json.dumps([["[fernando]", "^dog</w>"]]), "rank": "4", "token_gated": "true"})
+    inputs = stage_c_inputs(batch=4)
+    x, r = inputs.pop("x"), inputs.pop("r")
+    with torch.no_grad():
+        without = model(x, r, **inputs)
+        lora = apply_lora_file(model, text, tokenizer, tmp_path / "l.safetensors")
+        assert lora.token_gated and lora.describe()["token_gated"]
+        with_lora = model(x, r, **inputs)
+        rows = torch.tensor([[True], [False], [True], [False]])
+        gated = TokenGatedStageC(model, [lora])(x, r, lora_rows=rows, **inputs)
+        all_off = TokenGatedStageC(model, [lora])(x, r, lora_rows=torch.zeros(4, 1, dtype=torch.bool), **inputs)
+    assert (with_lora - without).abs().max() > 1e-3
+    torch.testing.assert_close(gated[[0, 2]], with_lora[[0, 2]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gated[[1, 3]], without[[1, 3]], rtol=1e-5, atol=1e-6)
+    assert torch.equal(all_off, without)  # one pattern: one call, the adapters adding exact zeros
+    with pytest.raises(LoraError, match="token-gated .* cannot be merged"):
+        lora.merge()
+    lora.remove()
+
+
+def test_token_gated_lora_leaves_prompts_without_its_token_exactly_as_they_were(clean, tmp_path):
+    """Through the pipeline: a prompt without the token draws the same latents with the gated LoRA loaded, alone or
+    batched with one that holds it; the token's prompt changes, and differently from the ungated LoRA (whose
+    unconditional branch also moves). Merging is refused with the reason."""
+    pipe = clean
+    text_dim = pipe.text_model.get_input_embeddings().embedding_dim
+    meta = {"train_tokens": json.dumps([["[sks]", "^dog</w>"]]), "rank": "4"}
+    write_lora(tmp_path / "plain.safetensors", pipe.stage_c, ids=[49408], text_dim=text_dim, metadata=meta, seed=3)
+    write_lora(tmp_path / "gated.safetensors", pipe.stage_c, ids=[49408], text_dim=text_dim, seed=3,
+               metadata={**meta, "token_gated": "true"})
+    prompts = ["a red square", "a [sks] square"]
+    base = small_run(pipe, prompts[0])
+    with pytest.raises(LoraError, match="token-gated .*no --merge-lora"):
+        pipe.load_lora(tmp_path / "gated.safetensors", merge=True)
+    assert pipe.loras == [] and not parametrized(pipe.stage_c, pipe.text_model)
+    pipe.load_lora(tmp_path / "plain.safetensors")
+    ungated = small_run(pipe, prompts[1])
+    pipe.loras[0].remove()
+    lora = pipe.load_lora(tmp_path / "gated.safetensors")
+    assert torch.equal(small_run(pipe, prompts[0]).latents_c, base.latents_c)
+    token = small_run(pipe, prompts[1])
+    both = small_run(pipe, prompts)  # seeds 5 and 6: the second row is the token prompt at seed 6
+    torch.testing.assert_close(both.latents_c[:1], base.latents_c, rtol=1e-4, atol=1e-5)
+    assert (token.latents_c - ungated.latents_c).abs().max() > 1e-3
+    assert both.settings["loras"][0]["token_gated"] is True

@@ -220,3 +220,23 @@ def test_preserve_base_teaches_plain_captions_the_frozen_models_own_prediction(a
     unchanged = LoraCore(config_file_path=TINY_LORA, overrides=overrides(assets, tmp_path))
     same, no_weight = unchanged.training_target(batch, models, noised, noise_cond, conditions, target)
     assert same is target and no_weight is None
+
+
+def test_token_gated_training_learns_only_from_captions_with_the_token(assets, tmp_path):
+    """A token-gated LoRA learns from the rows it will act on (the caption holds a train token) and nothing from the
+    others; it cannot be combined with preserve_base, and its file says it is token-gated."""
+    from core.weights import read_metadata
+    with pytest.raises(ConfigError, match="token_gated and preserve_base exclude each other"):
+        LoraCore(config_file_path=TINY_LORA, overrides=overrides(assets, tmp_path, token_gated=True,
+                                                                 preserve_base=True))
+    core = LoraCore(config_file_path=TINY_LORA, overrides=overrides(assets, tmp_path, token_gated=True, updates=2,
+                                                                    save_every=2))
+    extras = core.setup_extras_pre()
+    models = core.setup_models(extras)
+    batch = {"captions": [f"a photo of {TOKEN}", "a photo of a dog", f"{TOKEN} at dusk", "", "[sks ] apart"]}
+    target = torch.randn(5, 16, 8, 8)
+    out, weight = core.training_target(batch, models, None, None, None, target)
+    assert out is target and weight.tolist() == [1, 0, 1, 0, 0]
+    core()
+    meta = read_metadata(str(tmp_path / "ck" / core.config.experiment_id / "step_00000002" / "lora.safetensors"))
+    assert meta["token_gated"] == "true"

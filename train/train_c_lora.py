@@ -22,7 +22,7 @@ from core.conditioning import encode_text  # noqa: E402
 from core.config import EXPECTED, ConfigError  # noqa: E402
 from core.warpcore import WarpCore  # noqa: E402
 from core.weights import load_state_dict_file  # noqa: E402
-from inference.lora import add_tokens, lora_metadata  # noqa: E402
+from inference.lora import add_tokens, lora_metadata, text_token_ids  # noqa: E402
 from modules.lora import apply_lora, apply_retoken  # noqa: E402
 from train.base import main  # noqa: E402
 from train.train_c import WurstCoreC  # noqa: E402
@@ -44,6 +44,17 @@ class LoraCore(WurstCoreC):
         # Their loss weight. Guidance multiplies a change of the conditional prediction by the CFG scale, so a
         # LoRA that barely moves it still moves the guided image: about CFG² holds it there.
         preserve_base_weight: float = 1.0
+        # A LoRA that acts only where a train token is (the file says so, and inference runs Stage C without it for
+        # other prompts and for the unconditional branch): prompts without the tokens keep their images exactly.
+        # Training learns from the samples whose caption holds a token; the others, the LoRA off for them at
+        # inference, carry no loss (so leave them out of the data and set caption_dropout: 0).
+        token_gated: bool = False
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.token_gated and self.preserve_base:
+                raise ConfigError("token_gated and preserve_base exclude each other: a token-gated LoRA never acts "
+                                  "on prompts without its tokens, so there is nothing to preserve")
 
     @dataclasses.dataclass
     class Models(WurstCoreC.Models):
@@ -97,6 +108,10 @@ class LoraCore(WurstCoreC):
             raise ConfigError(f"{path} does not fit this module_filters and rank: {details}") from None
 
     def training_target(self, batch, models, noised, noise_cond, conditions, target):
+        if self.config.token_gated:  # only the rows the LoRA will act on learn
+            tokens = models.lora["embeddings"].indices
+            rows = torch.isin(text_token_ids(models.tokenizer, batch["captions"]).to(tokens.device), tokens)
+            return target, rows.any(dim=1).float()
         if not self.config.preserve_base:
             return target, None
         tokens = [token for token, _ in self.config.train_tokens]
@@ -130,7 +145,8 @@ class LoraCore(WurstCoreC):
         """The LoRA file names its tokens, filters and rank, so inference loads it without a config."""
         cfg = self.config
         meta = super().checkpoint_metadata(models)
-        return {"lora": {**meta.get("lora", {}), **lora_metadata(cfg.train_tokens, cfg.module_filters, cfg.rank)}}
+        return {"lora": {**meta.get("lora", {}), **lora_metadata(cfg.train_tokens, cfg.module_filters, cfg.rank,
+                                                                  token_gated=cfg.token_gated)}}
 
 
 if __name__ == "__main__":
