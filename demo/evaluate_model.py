@@ -23,7 +23,7 @@ from demo.detector import detect
 from demo.evaluate import canny_edges, dilated_iou, lora_token_accuracy, proportion, psnr, score
 from demo.make_dataset import SPLIT_SEEDS
 from demo.scenes import Scene, parse_caption, prompt_records, sample_heldout_scenes, sample_zorb_scenes
-from inference.config import default_sampling
+from inference.config import default_sampling, load_pipeline_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join("configs", "inference", "demo.yaml")
@@ -32,8 +32,9 @@ LORA = os.path.join("models", "demo", "lora_zorb.safetensors")
 SIZE = 128
 # the attributes issue #9 sets accuracy targets for (size has none: its classes lie 0.04 of the side apart)
 CHECKED = ("shape", "colour", "position", "background")
-# the demo's sampling settings: its config's, which the CLI and the app use for this model too
-STAGE_C, STAGE_B = default_sampling(os.path.join(REPO, CONFIG))
+# the demo's sampling settings: its config's, which the CLI and the app use for this model too (read once)
+PIPELINE_CONFIG = load_pipeline_config(os.path.join(REPO, CONFIG))
+STAGE_C, STAGE_B = default_sampling(PIPELINE_CONFIG)
 
 
 def load_demo(config=CONFIG, device="cpu"):
@@ -45,7 +46,7 @@ def load_demo(config=CONFIG, device="cpu"):
 def generate(pipe, prompts, first_seed, sampling=None, **kwargs):
     """PIL images of `prompts`, image i from seed first_seed + i (the pipeline's rule), at the demo size, sampled
     as the CLI would: the config's settings, and a ControlNet's own over them (`sampling`: these instead)."""
-    stage_c, stage_b = sampling or (default_sampling(os.path.join(REPO, CONFIG), kwargs["controlnet"])
+    stage_c, stage_b = sampling or (default_sampling(PIPELINE_CONFIG, kwargs["controlnet"])
                                     if kwargs.get("controlnet") is not None else (STAGE_C, STAGE_B))
     out = pipe.generate(list(prompts), seed=first_seed, height=SIZE, width=SIZE, stage_c=stage_c, stage_b=stage_b,
                         **kwargs)
@@ -93,7 +94,7 @@ def controlnet_iou(pipe, records, without, reconstructed, batch_size=25):
     are scored too, so that what the ControlNet adds is told apart from what the settings do."""
     from inference.controlnet import load_controlnet
     controlnet = load_controlnet(pipe, os.path.join(REPO, CONTROLNET))
-    sampling = default_sampling(os.path.join(REPO, CONFIG), controlnet)
+    sampling = default_sampling(PIPELINE_CONFIG, controlnet)
     renders = [Scene(**parse_caption(r["prompt"]), variant=r["seed"]).render(SIZE) for r in records]
     control, edges = _to_tensor(renders), [canny_edges(render) for render in renders]
     images, plain = [], []
