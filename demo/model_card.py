@@ -54,6 +54,9 @@ def card() -> str:
         raise SystemExit(f"{OUT}/eval.json predates this card (no four-attribute LoRA check or ControlNet "
                          "references): rerun `python -m demo.evaluate_model`")
     c, b = ev["stage_c_sampling"], ev["stage_b_sampling"]
+    gated = ("; token-gated:\n  Stage C uses it only for the prompts that hold '[zorb]' (and never for the unconditional branch), so\n"
+             "  every other prompt draws exactly what it drew without it"
+             if _load(os.path.join(REPO, "configs", "training", f"{CONFIGS['lora']}.yaml")).get("token_gated") else "")
     return f"""# Demo cascade (Stable Cascade architecture, trained by this repository)
 
 A small Stage A/B/C cascade with a Canny ControlNet and a LoRA, trained from scratch on procedural scenes by this
@@ -67,8 +70,7 @@ Rebuild everything from scratch (about {total:.0f} minutes on the machine below)
 `demo/scenes.py`, written by `python -m demo.make_dataset` as webdataset shards: {NUM_TRAIN:,} captioned 128² scenes
 (six paraphrasing caption templates), deterministic from seed 0. A quarter of the (shape, colour, background)
 triples — the ones with the smallest SHA-256 — never appear in training; the evaluation prompts use only them.
-The LoRA learns '[zorb]', a crescent that base training never shows, from 2,000 zorb scenes mixed 1:1 with base
-scenes.
+The LoRA learns '[zorb]', a crescent that base training never shows, from 2,000 captioned zorb scenes.
 
 ## Model
 | file | parameters | size |
@@ -89,7 +91,7 @@ scenes.
   attending to the text, plus a layout attention: queries made from the places alone attend to the text, and
   the result is added to the input embedding (`StageC(layout_attention=4)`).
   ControlNet: four strided convolutions on the Canny map into Stage C's first and last ResBlocks (8×8).
-  LoRA: rank 4 on Stage C's attention, plus the new token's embedding.
+  LoRA: rank 4 on Stage C's attention, plus the new token's embedding{gated}.
 - Weights are stored as fp16 (the mapper fp32) and run in fp32 on the CPU.
 
 ## Training
@@ -97,7 +99,7 @@ scenes.
 |---|---|---|---|---|---|
 {chr(10).join(stages)}
 
-Total build: {total:.1f} minutes ({', '.join(f'{k} {v["seconds"] / 60:.1f}' for k, v in log.items())}), on
+Total build: {total:.1f} minutes, the sum of the stages' wall times ({', '.join(f'{k} {v["seconds"] / 60:.1f}' for k, v in log.items())}), on
 {ev['machine']}, torch {ev['torch']}, {log.get('stage_b', {}).get('threads', '?')} threads. Stages B and C train from
 caches of the frozen encoders' outputs, each written once (`train/train_[bc].py ... --write-cache`); B uses a
 cosine learning-rate schedule. C trains with a noise shift (`train_shift`) and a quarter of its samples at the top

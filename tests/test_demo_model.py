@@ -48,6 +48,10 @@ def test_recorded_evaluation_meets_the_prompt_adherence_targets(evaluation):
     assert held["background"]["accuracy"] >= 0.90 and held["shape"]["accuracy"] >= 0.70
     assert evaluation["detector_on_renders"]["all"]["accuracy"] >= 0.98
     assert evaluation["lora_zorb"]["token_accuracy"]["accuracy"] >= 0.70
+    # prompts without the token do not change: the token-gated LoRA leaves them to the base model
+    unchanged = evaluation["lora_zorb"]["base_prompts_same_detection"]
+    assert unchanged["n"] >= 100 and unchanged["accuracy"] == 1.0
+    assert evaluation["lora_zorb"]["base_prompts_mean_abs_pixel_change"] == 0.0
     assert evaluation["timing"]["seconds_per_image"] < 10
 
 
@@ -96,7 +100,7 @@ def test_controlnet_acts_and_its_images_keep_the_control_edges(pipe):
     assert np.mean(with_cn) > 0.3, (with_cn, without)
 
 
-def test_lora_draws_the_new_token_and_leaves_other_prompts_close(pipe):
+def test_lora_draws_the_new_token_and_leaves_other_prompts_as_they_were(pipe):
     base_prompt = ["a large green heart on the right on a black background"]
     before = np.asarray(generate(pipe, base_prompt, 5)[0], np.float64)
     zorb_prompts = [f"a large {c} [zorb] in the center on a {b} background"
@@ -108,8 +112,8 @@ def test_lora_draws_the_new_token_and_leaves_other_prompts_close(pipe):
     finally:
         lora.remove()
     assert sum(detect(im).shape == ZORB for im in zorbs) >= 2
+    assert np.array_equal(after, before)  # token-gated: a prompt without '[zorb]' never meets the LoRA
     assert np.array_equal(np.asarray(generate(pipe, base_prompt, 5)[0], np.float64), before)  # removed cleanly
-    assert np.abs(after - before).mean() / 255 < 0.03
 
 
 def test_model_card_is_what_the_recorded_build_and_evaluation_give():
