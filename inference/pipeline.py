@@ -232,7 +232,7 @@ class StableCascadePipeline:
 
         Image i of the batch uses seed `seed + i` in both stages, so it equals the image that seed gives alone.
         `latents_c` skips Stage C (precomputed EfficientNet-space latents); `conditions` = (cond, uncond) skips
-        the text encoder. `callback(stage=, step=, total=, latents=, preview=)` is called after every step;
+        the text encoder (a token-gated LoRA still decides per row from `prompt` and `negative_prompt`). `callback(stage=, step=, total=, latents=, preview=)` is called after every step;
         `preview` is a Previewer image every `preview_every` Stage C steps (else None).
         `controlnet` (inference.controlnet.load_controlnet) adds its residuals for `control_image` (inpainting:
         `control_mask`, white = fill; `outpaint` inverts it), scaled by `control_strength`, to both CFG branches;
