@@ -46,8 +46,7 @@ def load_demo(config=CONFIG, device="cpu"):
 def generate(pipe, prompts, first_seed, sampling=None, **kwargs):
     """PIL images of `prompts`, image i from seed first_seed + i (the pipeline's rule), at the demo size, sampled
     as the CLI would: the config's settings, and a ControlNet's own over them (`sampling`: these instead)."""
-    stage_c, stage_b = sampling or (default_sampling(PIPELINE_CONFIG, kwargs["controlnet"])
-                                    if kwargs.get("controlnet") is not None else (STAGE_C, STAGE_B))
+    stage_c, stage_b = sampling or default_sampling(PIPELINE_CONFIG, kwargs.get("controlnet"))
     out = pipe.generate(list(prompts), seed=first_seed, height=SIZE, width=SIZE, stage_c=stage_c, stage_b=stage_b,
                         **kwargs)
     return out.pil()

@@ -40,9 +40,11 @@ def card() -> str:
     files = sorted(f for f in os.listdir(OUT) if f.endswith(".safetensors"))
     sizes = {f: os.path.getsize(os.path.join(OUT, f)) for f in files}
     rows = [f"| {f} | {_params(f) / 1e6:.2f} M | {sizes[f] / 1e6:.2f} MB |" for f in files]
+    configs = {stage: _load(os.path.join(REPO, "configs", "training", f"{config}.yaml"))
+               for stage, config in CONFIGS.items()}
     stages = []
     for stage, config in CONFIGS.items():
-        cfg = _load(os.path.join(REPO, "configs", "training", f"{config}.yaml"))
+        cfg = configs[stage]
         seconds = log.get(stage, {}).get("seconds")
         stages.append(f"| {stage} | `configs/training/{config}.yaml` | {cfg['updates']} | {cfg['batch_size']} | "
                       f"{cfg['lr']} | {seconds / 60:.1f} min |" if seconds else
@@ -56,7 +58,7 @@ def card() -> str:
     c, b = ev["stage_c_sampling"], ev["stage_b_sampling"]
     gated = ("; token-gated:\n  Stage C uses it only for the prompts that hold '[zorb]' (and never for the unconditional branch), so\n"
              "  every other prompt draws exactly what it drew without it"
-             if _load(os.path.join(REPO, "configs", "training", f"{CONFIGS['lora']}.yaml")).get("token_gated") else "")
+             if configs["lora"].get("token_gated") else "")
     return f"""# Demo cascade (Stable Cascade architecture, trained by this repository)
 
 A small Stage A/B/C cascade with a Canny ControlNet and a LoRA, trained from scratch on procedural scenes by this

@@ -36,7 +36,7 @@ def controlnet_config_path(source, stage_c_preset):
 def controlnet_sampling(pipeline_config, source) -> dict:
     """The `sampling` of the ControlNet config `source` names for a pipeline config's Stage C, read without loading
     any weights (what the app's sliders show on a ControlNet tab); {} when there is no such config or it sets none."""
-    from inference.config import PipelineConfig, check_sampling, load_pipeline_config
+    from inference.config import PipelineConfig, load_pipeline_config
     cfg = pipeline_config if isinstance(pipeline_config, PipelineConfig) else load_pipeline_config(pipeline_config)
     try:
         path = controlnet_config_path(source, cfg.stage_c.model_version)
@@ -44,10 +44,16 @@ def controlnet_sampling(pipeline_config, source) -> dict:
         return {}
     if not os.path.isfile(path):
         return {}
+    return _read_config(path).sampling or {}
+
+
+def _read_config(path):
+    """A ControlNet config for inference, its `sampling` checked like a pipeline config's."""
+    from inference.config import check_sampling
     from train.train_c_controlnet import ControlNetCore
-    sampling = ControlNetCore.Config.load(path, training=False).sampling or {}
-    check_sampling(sampling, path)
-    return sampling
+    cfg = ControlNetCore.Config.load(path, training=False)
+    check_sampling(cfg.sampling, path)
+    return cfg
 
 
 def load_mask(path):
@@ -122,14 +128,12 @@ class LoadedControlNet:
 def load_controlnet(pipe, source):
     """The ControlNet `source` names (see `controlnet_config_path`), fitted to the pipeline's Stage C: its filter
     shares the pipeline's EfficientNet encoder. Without a checkpoint only the tiny configs run, with random weights."""
-    from train.train_c_controlnet import ControlNetCore, build_controlnet
+    from train.train_c_controlnet import build_controlnet
     preset = (getattr(pipe.stage_c, "build_spec", None) or {}).get("preset")
     path = controlnet_config_path(source, preset)
     if not os.path.isfile(path):
         raise PipelineError(f"ControlNet config not found: {path}")
-    cfg = ControlNetCore.Config.load(path, training=False)
-    from inference.config import check_sampling
-    check_sampling(cfg.sampling, path)
+    cfg = _read_config(path)
     version = "3.6B" if cfg.model_version == "3B" else cfg.model_version
     if preset is not None and version != preset:
         raise PipelineError(f"{path} is a ControlNet for the {version} Stage C, but the pipeline's is {preset}")

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from core.weights import load_state_dict_file, objective_mismatch, read_metadata
-from modules.lora import _ADAPTED_TENSORS, LoRA, ReToken, _adaptable
+from modules.lora import _ADAPTED_TENSORS, LoRA, ReToken, _adaptable, lora_disabled
 
 DEFAULT_FILTERS = (".attn",)  # upstream's module_filters: every AttnBlock's in- and out-projection
 # Keys of upstream's LoRA configs that describe the base model; a LoRA config may carry them, loading ignores them.
@@ -198,18 +198,9 @@ class LoadedLoRA:
         wanted = torch.tensor(self.token_ids, dtype=token_ids.dtype, device=token_ids.device)
         return torch.isin(token_ids, wanted).any(dim=1)
 
-    @contextlib.contextmanager
     def disabled(self):
-        """Stage C without this LoRA's adapters for the duration (scale 0 adds exact zeros: the base weights)."""
-        adapters = [p for _, _, p in self._pairs if isinstance(p, LoRA)]
-        scales = [a.scale for a in adapters]
-        try:
-            for a in adapters:
-                a.scale = 0.0
-            yield
-        finally:
-            for a, scale in zip(adapters, scales):
-                a.scale = scale
+        """A context in which Stage C runs without this LoRA's adapters (`modules.lora.lora_disabled`)."""
+        return lora_disabled(p for _, _, p in self._pairs)
 
     @torch.no_grad()
     def merge(self):

@@ -4,6 +4,8 @@ A parametrization recomputes `module.weight` from the frozen original at every a
 code is unchanged and the adapters hold the only trainable parameters. Checkpoints store the adapters alone:
 `ModuleDict({"embeddings": ReToken, "weights": ModuleList(LoRA modules in module order)})`.
 """
+import contextlib
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -85,6 +87,21 @@ def apply_retoken(module, indices=None):
     retoken = ReToken(indices, dim=table.size(1)).to(device=table.device, dtype=table.dtype)
     parametrize.register_parametrization(module, "weight", retoken)
     return retoken
+
+
+@contextlib.contextmanager
+def lora_disabled(adapters):
+    """The weights `adapters` (LoRA modules) adapt are their base weights for the duration: scale 0 adds exact
+    zeros. Their scales are restored afterwards, also after an error."""
+    adapters = [a for a in adapters if isinstance(a, LoRA)]
+    scales = [a.scale for a in adapters]
+    try:
+        for a in adapters:
+            a.scale = 0.0
+        yield
+    finally:
+        for a, scale in zip(adapters, scales):
+            a.scale = scale
 
 
 def remove_lora(model, leave_parametrized=True):

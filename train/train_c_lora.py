@@ -23,7 +23,7 @@ from core.config import EXPECTED, ConfigError  # noqa: E402
 from core.warpcore import WarpCore  # noqa: E402
 from core.weights import load_state_dict_file  # noqa: E402
 from inference.lora import add_tokens, lora_metadata, text_token_ids  # noqa: E402
-from modules.lora import apply_lora, apply_retoken  # noqa: E402
+from modules.lora import apply_lora, apply_retoken, lora_disabled  # noqa: E402
 from train.base import main  # noqa: E402
 from train.train_c import WurstCoreC  # noqa: E402
 
@@ -119,17 +119,9 @@ class LoraCore(WurstCoreC):
         if not plain.any():
             return target, None
         keep = plain.to(target.device)
-        adapters = list(models.lora["weights"])
-        scales = [adapter.scale for adapter in adapters]
-        try:
-            for adapter in adapters:
-                adapter.scale = 0.0
-            with torch.no_grad():
-                base = models.generator(noised[keep], noise_cond[keep], **{k: v[keep] if torch.is_tensor(v) else v
-                                                                         for k, v in conditions.items()})
-        finally:
-            for adapter, scale in zip(adapters, scales):
-                adapter.scale = scale
+        with lora_disabled(models.lora["weights"]), torch.no_grad():
+            base = models.generator(noised[keep], noise_cond[keep], **{k: v[keep] if torch.is_tensor(v) else v
+                                                                     for k, v in conditions.items()})
         target = target.clone()
         target[keep] = base.to(target.dtype)
         return target, torch.where(plain, self.config.preserve_base_weight, 1.0)
